@@ -1,0 +1,250 @@
+"""Typed configuration: one dataclass tree, loaded from YAML plus `key=value` overrides.
+
+Every field has a type, a default and a one-line meaning (`help`). Values are checked on
+load; a wrong one is refused with its dotted name, what was expected and what was found.
+A job YAML only states what differs from the defaults. `model.preset` picks a family of
+model sizes (`tiny` for tests and CPU demos, `paper` for GPUs); fields given next to it
+override the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field."""
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None):
+    """A config field with its meaning and, for numbers, an allowed closed range."""
+    meta = {"help": help, "min": min, "max": max}
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["cycle"] = option("cycle", "which landmark learner to train")
+    preset: Literal["tiny", "paper"] = option(
+        "tiny", "size family: tiny (32px, narrow; CPU) or paper (128px, Jakab et al. widths)"
+    )
+    image_size: int = option(32, "side of the square input images in pixels", min=16)
+    num_landmarks: int = option(10, "K, the number of landmarks to discover", min=1)
+    channels: list[int] = option(
+        [16, 32, 64],
+        "encoder widths, one per stage; each stage after the first halves the size",
+        min=1,
+    )
+    appearance_dim: int = option(64, "width of each per-landmark appearance code", min=1)
+    heatmap_std: float = option(
+        0.1, "std of the rendered Gaussian landmark maps, in normalised [-1, 1] units", min=1e-3
+    )
+    flow_channels: int = option(32, "feature width used by the cross-image flow module", min=1)
+    flow_kernel: int = option(3, "side of each 2D kernel of the factorised 4D convolution", min=1)
+    flow_temperature: float = option(
+        0.05, "softmax temperature of the flow module's matching scores", min=1e-4
+    )
+
+    def validate(self) -> None:
+        if not self.channels:
+            raise ConfigError("model.channels: expected at least one stage, got []")
+        stride = 2 ** (len(self.channels) - 1)
+        if self.image_size % stride:
+            raise ConfigError(
+                f"model.image_size: {self.image_size} is not divisible by {stride}, "
+                f"the total stride of {len(self.channels)} encoder stages"
+            )
+        if self.flow_kernel % 2 == 0:
+            raise ConfigError(f"model.flow_kernel: expected an odd size, got {self.flow_kernel}")
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    # Widths follow Jakab et al. 2018's encoder (32, 64, 128, 256 down to 16x16).
+    "paper": {
+        "image_size": 128,
+        "channels": [32, 64, 128, 256],
+        "appearance_dim": 256,
+        "flow_channels": 128,
+    },
+}
+
+
+@dataclass
+class LossConfig:
+    lambda_cycle: float = option(1.0, "weight of the perceptual cycle loss L_cycle", min=0)
+    lambda_inv: float = option(1.0, "weight of the pose invariance loss L_inv", min=0)
+    lambda_equiv: float = option(1.0, "weight of the flow equivariance loss L_equiv", min=0)
+    vgg_weights: str | None = option(
+        None,
+        "path to ImageNet VGG-16 weights in torchvision's state-dict format; "
+        "None uses frozen random features plus pixels (see models/perceptual.py)",
+    )
+    perceptual_layers: list[str] = option(
+        ["pixels", "relu1_2", "relu2_2"], "VGG-16 layers (and raw pixels) compared by L_cycle"
+    )
+
+    def validate(self) -> None:
+        from ulm_dist.models.perceptual import VGG16_LAYERS
+
+        allowed = {"pixels", *VGG16_LAYERS}
+        bad = [name for name in self.perceptual_layers if name not in allowed]
+        if bad or not self.perceptual_layers:
+            raise ConfigError(
+                f"loss.perceptual_layers: unknown layers {bad or '[] (empty)'}; "
+                f"choose from {sorted(allowed)}"
+            )
+        if self.vgg_weights is not None and not Path(self.vgg_weights).is_file():
+            raise ConfigError(f"loss.vgg_weights: no such file: {self.vgg_weights}")
+
+
+@dataclass
+class DataConfig:
+    train: str = option(
+        "synthetic", "train shards: a folder, a shard pattern, s3://bucket/prefix, or 'synthetic'"
+    )
+    val: str | None = option(None, "annotated shards for periodic evaluation (None: skip)")
+    cache_dir: str = option(".cache/ulm_dist", "where the synthetic set is generated on first use")
+    synthetic_samples: int = option(4000, "size of the generated synthetic train split", min=16)
+    num_workers: int = option(1, "data-loader worker processes per training worker", min=0)
+    shuffle_buffer: int = option(256, "samples held for shuffling within shards", min=1)
+    s3_endpoint_url: str | None = option(None, "endpoint for S3-compatible stores (None: AWS)")
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = option("demo", "run name; checkpoints go to <storage>/<run_name>")
+    storage: str = option("runs", "checkpoint store: a local folder or s3://bucket/prefix")
+    seed: int = option(0, "global random seed")
+    steps: int = option(300, "optimizer steps to train for", min=1)
+    batch_size: int = option(16, "image pairs per optimizer step, summed over workers", min=1)
+    lr: float = option(1e-3, "peak learning rate (Adam)", min=0)
+    weight_decay: float = option(1e-5, "AdamW weight decay", min=0)
+    warmup_steps: int = option(20, "linear learning-rate warm-up before the cosine decay", min=0)
+    grad_clip: float = option(1.0, "gradient-norm clipping threshold (0 disables)", min=0)
+    log_every: int = option(10, "steps between progress lines", min=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if hasattr(value, "validate"):
+                value.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    model_raw = raw.get("model")
+    if isinstance(model_raw, dict):
+        preset = model_raw.get("preset", ModelConfig.preset)
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(
+                f"model.preset: expected one of {sorted(MODEL_PRESETS)}, got {preset!r}"
+            )
+        raw["model"] = {**MODEL_PRESETS[preset], **model_raw}
+    config = _build(Config, raw, "")
+    config.validate()
+    return config
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]}; known keys here: {sorted(known)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        dotted = f"{path}.{name}" if path else name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, dotted)
+        else:
+            values[name] = _coerce(kind, value, dotted)
+            _check_range(known[name], values[name], dotted)
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_range(spec: dataclasses.Field, value: Any, path: str) -> None:
+    low, high = spec.metadata.get("min"), spec.metadata.get("max")
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        if low is not None and item < low:
+            raise ConfigError(f"{path}: must be >= {low}, got {item}")
+        if high is not None and item > high:
+            raise ConfigError(f"{path}: must be <= {high}, got {item}")
