@@ -1,0 +1,16 @@
+"""Landmark learners in plain PyTorch: no Ray, DeepSpeed or storage in here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ulm_dist.config import LossConfig, ModelConfig
+from ulm_dist.models.cycle import CycleConsistencyModel, CycleLearner
+
+__all__ = ["CycleConsistencyModel", "CycleLearner", "build_learner"]
+
+
+def build_learner(model: ModelConfig, loss: LossConfig) -> nn.Module:
+    """The trainable module for `model.name`; forward(image_i, image_j) -> loss dict."""
+    learners = {"cycle": CycleLearner}
+    return learners[model.name](model, loss)

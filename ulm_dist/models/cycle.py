@@ -1,0 +1,122 @@
+"""Unsupervised landmark learning from unpaired data (Xu et al. 2020, arXiv 2007.01053).
+
+For an unpaired pair (I_i, I_j):
+    a = E_a(I), p = E_p(I)                      appearance and pose of each image
+    I_ij = D(a_i, p_j),  I_ji = D(a_j, p_i)     swap: i's appearance in j's pose, and back
+    a_i', p_j' = E(I_ij);  a_j', p_i' = E(I_ji) re-encode the swaps
+    I_i' = D(a_i', p_i'), I_j' = D(a_j', p_j')  and put everything back together
+
+L_cycle compares I_i' with I_i, L_inv the re-encoded poses with the originals, and L_equiv
+the landmarks of one image with those of the other carried across by the flow module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ulm_dist.config import LossConfig, ModelConfig
+from ulm_dist.losses import equivariance_loss, invariance_loss, perceptual_loss
+from ulm_dist.models.flow import CrossImageFlow, transform_points
+from ulm_dist.models.landmarks import render_gaussian_heatmaps
+from ulm_dist.models.networks import AppearanceEncoder, HeatmapDecoder, PoseEncoder
+from ulm_dist.models.perceptual import VGG16Features
+
+
+@dataclass
+class CycleOutputs:
+    """Everything one forward pass of a pair produces; index 0 is image i, 1 is image j."""
+
+    landmarks: tuple[torch.Tensor, torch.Tensor]  # p_i, p_j: (B, K, 2)
+    landmarks_again: tuple[torch.Tensor, torch.Tensor]  # p_i', p_j'
+    swapped: tuple[torch.Tensor, torch.Tensor]  # I_ij, I_ji
+    reconstructed: tuple[torch.Tensor, torch.Tensor]  # I_i', I_j'
+    flows: tuple[torch.Tensor, torch.Tensor]  # T^{i->j}, T^{j->i}: (B, 2, h, w)
+
+
+class CycleConsistencyModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.image_size = config.image_size
+        self.heatmap_std = config.heatmap_std
+        self.pose_encoder = PoseEncoder(config.channels, config.num_landmarks, config.flow_channels)
+        self.appearance_encoder = AppearanceEncoder(config.channels, config.appearance_dim)
+        self.decoder = HeatmapDecoder(
+            config.channels, config.num_landmarks, config.appearance_dim, config.heatmap_std
+        )
+        self.flow = CrossImageFlow(config.flow_kernel, config.flow_temperature)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns landmarks (B, K, 2), appearance (B, K + 1, D) and matching features."""
+        landmarks, features = self.pose_encoder(images)
+        size = features.shape[-1]
+        heatmaps = render_gaussian_heatmaps(landmarks, size, self.heatmap_std)
+        return landmarks, self.appearance_encoder(images, heatmaps), features
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        """The detector alone: images (B, 3, S, S) in [0, 1] -> landmarks (B, K, 2) in [-1, 1]."""
+        return self.pose_encoder(images)[0]
+
+    def forward(self, image_i: torch.Tensor, image_j: torch.Tensor) -> CycleOutputs:
+        n = image_i.shape[0]
+        # Both images go through each network as one batch: same maths, half the launches.
+        points, appearance, features = self.encode(torch.cat([image_i, image_j]))
+        p_i, p_j = points.split(n)
+        a_i, a_j = appearance.split(n)
+        swapped = self.decoder(
+            torch.cat([a_i, a_j]), torch.cat([p_j, p_i]), self.image_size
+        )  # I_ij, I_ji
+        points_again, appearance_again, _ = self.encode(swapped)
+        p_j_again, p_i_again = points_again.split(n)  # p_j' from I_ij, p_i' from I_ji
+        a_i_again, a_j_again = appearance_again.split(n)
+        reconstructed = self.decoder(
+            torch.cat([a_i_again, a_j_again]), torch.cat([p_i_again, p_j_again]), self.image_size
+        )
+        f_i, f_j = features.split(n)
+        return CycleOutputs(
+            landmarks=(p_i, p_j),
+            landmarks_again=(p_i_again, p_j_again),
+            swapped=tuple(swapped.split(n)),
+            reconstructed=tuple(reconstructed.split(n)),
+            flows=self.flow(f_i, f_j),
+        )
+
+
+class CycleLearner(nn.Module):
+    """What the optimiser sees: the model, a frozen perceptual network and the weighted losses.
+
+    `forward(image_i, image_j)` returns {"total", "cycle", "inv", "equiv"} scalars.
+    """
+
+    def __init__(self, model_config: ModelConfig, loss_config: LossConfig):
+        super().__init__()
+        self.model = CycleConsistencyModel(model_config)
+        vgg_layers = [name for name in loss_config.perceptual_layers if name != "pixels"]
+        self.vgg = VGG16Features(vgg_layers, loss_config.vgg_weights) if vgg_layers else None
+        self.compare_pixels = "pixels" in loss_config.perceptual_layers
+        self.weights = {
+            "cycle": loss_config.lambda_cycle,
+            "inv": loss_config.lambda_inv,
+            "equiv": loss_config.lambda_equiv,
+        }
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.landmarks(images)
+
+    def forward(self, image_i: torch.Tensor, image_j: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(image_i, image_j)
+        p_i, p_j = out.landmarks
+        i_from_j, j_from_i = out.flows
+        carried = (transform_points(i_from_j, p_j), transform_points(j_from_i, p_i))
+        losses = {
+            "cycle": sum(
+                perceptual_loss(target, output, self.vgg, self.compare_pixels)
+                for target, output in zip((image_i, image_j), out.reconstructed, strict=True)
+            ),
+            "inv": invariance_loss(out.landmarks, out.landmarks_again),
+            "equiv": equivariance_loss(out.landmarks, carried),
+        }
+        losses["total"] = sum(self.weights[name] * value for name, value in losses.items())
+        return losses

@@ -1,0 +1,114 @@
+"""Convolutional parts shared by the landmark learners: encoders and the heatmap decoder.
+
+GroupNorm rather than BatchNorm everywhere, so that an image's outputs never depend on the
+other images in its batch: evaluation, the pair-swap symmetry and data-parallel training
+with small per-worker batches all behave the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ulm_dist.models.landmarks import render_gaussian_heatmaps, spatial_softmax
+
+
+def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(min(8, out_channels), out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Encoder(nn.Sequential):
+    """Conv trunk: stage 0 keeps the resolution, every later stage halves it."""
+
+    def __init__(self, channels: list[int]):
+        stages, previous = [], 3
+        for index, width in enumerate(channels):
+            stride = 1 if index == 0 else 2
+            stages.append(
+                nn.Sequential(conv_block(previous, width, stride), conv_block(width, width))
+            )
+            previous = width
+        super().__init__(*stages)
+        self.out_channels = previous
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Centre [0, 1] images on zero: the N(I) of Xu et al.'s equations.
+        return super().forward(images * 2 - 1)
+
+
+class PoseEncoder(nn.Module):
+    """E_p: K score maps -> landmark coordinates; also the features the flow module matches."""
+
+    def __init__(self, channels: list[int], num_landmarks: int, flow_channels: int):
+        super().__init__()
+        self.trunk = Encoder(channels)
+        # No bias: the spatial softmax ignores a per-map constant, so it would never train.
+        self.score_head = nn.Conv2d(self.trunk.out_channels, num_landmarks, 1, bias=False)
+        self.flow_head = nn.Conv2d(self.trunk.out_channels, flow_channels, 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns landmarks (B, K, 2) in [-1, 1] and matching features (B, C, h, w)."""
+        features = self.trunk(images)
+        return spatial_softmax(self.score_head(features)), self.flow_head(features)
+
+
+class AppearanceEncoder(nn.Module):
+    """E_a: one appearance code per landmark plus one for everything else.
+
+    Each landmark's code is the encoder's features averaged under that landmark's Gaussian,
+    as in Lorenz et al.'s part appearances. A spatial appearance map would carry image i's
+    geometry into D(a_i, p_j); pooled codes leave geometry to the pose alone, which is what
+    makes the unpaired swap of Xu et al. meaningful.
+    """
+
+    def __init__(self, channels: list[int], appearance_dim: int):
+        super().__init__()
+        self.trunk = Encoder(channels)
+        self.project = nn.Conv2d(self.trunk.out_channels, appearance_dim, 1)
+
+    def forward(self, images: torch.Tensor, heatmaps: torch.Tensor) -> torch.Tensor:
+        """heatmaps: (B, K, h, w) at the trunk's output size. Returns (B, K + 1, D)."""
+        features = self.project(self.trunk(images))
+        weights = heatmaps / heatmaps.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        parts = torch.einsum("bkhw,bdhw->bkd", weights, features)
+        background = features.mean(dim=(2, 3)).unsqueeze(1)
+        return torch.cat([parts, background], dim=1)
+
+
+class HeatmapDecoder(nn.Module):
+    """D(a, p): paints each landmark's appearance at its pose, then upsamples to an image.
+
+    The Gaussian maps are fed again at every scale (as in Lorenz et al.'s decoder) so that
+    fine positions need not survive the coarse stages.
+    """
+
+    def __init__(self, channels: list[int], num_landmarks: int, appearance_dim: int, std: float):
+        super().__init__()
+        self.std = std
+        widths = list(reversed(channels))
+        self.stem = conv_block(2 * appearance_dim + num_landmarks, widths[0])
+        self.stages = nn.ModuleList(
+            nn.Sequential(conv_block(wide + num_landmarks, narrow), conv_block(narrow, narrow))
+            for wide, narrow in itertools.pairwise(widths)
+        )
+        self.to_rgb = nn.Conv2d(widths[-1], 3, 3, padding=1)
+
+    def forward(self, appearance: torch.Tensor, landmarks: torch.Tensor, size: int) -> torch.Tensor:
+        """appearance (B, K + 1, D), landmarks (B, K, 2); returns images (B, 3, size, size)."""
+        coarse = size // 2 ** len(self.stages)
+        heatmaps = render_gaussian_heatmaps(landmarks, coarse, self.std)
+        painted = torch.einsum("bkhw,bkd->bdhw", heatmaps, appearance[:, :-1])
+        background = appearance[:, -1, :, None, None].expand(-1, -1, coarse, coarse)
+        x = self.stem(torch.cat([painted, background, heatmaps], dim=1))
+        for stage in self.stages:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            heatmaps = render_gaussian_heatmaps(landmarks, x.shape[-1], self.std)
+            x = stage(torch.cat([x, heatmaps], dim=1))
+        return torch.sigmoid(self.to_rgb(x))
