@@ -84,6 +84,12 @@ class LossConfig:
     lambda_cycle: float = option(1.0, "weight of the perceptual cycle loss L_cycle", min=0)
     lambda_inv: float = option(1.0, "weight of the pose invariance loss L_inv", min=0)
     lambda_equiv: float = option(1.0, "weight of the flow equivariance loss L_equiv", min=0)
+    lambda_recon: float = option(
+        1.0,
+        "weight of the self-reconstruction P(I, D(a, p)) that bootstraps the bottleneck "
+        "(not in Xu et al.; 0 gives their loss exactly, see models/cycle.py)",
+        min=0,
+    )
     vgg_weights: str | None = option(
         None,
         "path to ImageNet VGG-16 weights in torchvision's state-dict format; "
@@ -123,7 +129,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     run_name: str = option("demo", "run name; checkpoints go to <storage>/<run_name>")
-    storage: str = option("runs", "checkpoint store: a local folder or s3://bucket/prefix")
+    storage: str = option(
+        "runs",
+        "checkpoint store: a local folder or s3://bucket/prefix (endpoint: data.s3_endpoint_url)",
+    )
     seed: int = option(0, "global random seed")
     steps: int = option(300, "optimizer steps to train for", min=1)
     batch_size: int = option(16, "image pairs per optimizer step, summed over workers", min=1)
@@ -132,6 +141,59 @@ class TrainConfig:
     warmup_steps: int = option(20, "linear learning-rate warm-up before the cosine decay", min=0)
     grad_clip: float = option(1.0, "gradient-norm clipping threshold (0 disables)", min=0)
     log_every: int = option(10, "steps between progress lines", min=1)
+    num_workers: int = option(2, "Ray Train workers: one process (and one GPU on GPUs) each", min=1)
+    device: Literal["auto", "cpu", "gpu"] = option(
+        "auto", "where workers train; auto: GPUs if the Ray cluster has any, else CPU"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto",
+        "auto: bf16 on GPUs that support it, else fp32; fp16 (GPUs only) uses dynamic loss scaling",
+    )
+    zero_stage: int = option(
+        2,
+        "DeepSpeed ZeRO stage: 0 off, 1 shards optimizer state, 2 +gradients, 3 +weights",
+        min=0,
+        max=3,
+    )
+    grad_accum_steps: int = option(1, "micro-batches accumulated into each optimizer step", min=1)
+    checkpoint_every: int = option(
+        100, "steps between checkpoints; the last step always gets one", min=1
+    )
+    keep_checkpoints: int = option(
+        2, "newest checkpoints kept in the store; older ones are deleted", min=1
+    )
+    resume: str = option(
+        "auto",
+        "auto: continue this run from its latest checkpoint, if any; never: refuse to start if "
+        "the run has checkpoints; or the path of a checkpoint to start a new run from",
+    )
+    max_failures: int = option(
+        2, "worker-group failures survived by restarting from the latest checkpoint", min=0
+    )
+    log_dir: str = option(
+        "runs", "local folder for metrics.jsonl and TensorBoard events: <log_dir>/<run_name>"
+    )
+    fail_at_step: int | None = option(
+        None,
+        "fault injection for tests: the last worker exits once, after this step's reports are "
+        "registered (a marker in the run folder stops it firing again)",
+        min=1,
+    )
+
+    def validate(self) -> None:
+        if not self.run_name or "/" in self.run_name:
+            raise ConfigError(
+                f"train.run_name: expected a folder name without '/', got {self.run_name!r}"
+            )
+        shares = self.num_workers * self.grad_accum_steps
+        if self.batch_size % shares:
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} pairs per step do not split evenly into "
+                f"{self.num_workers} workers x {self.grad_accum_steps} accumulation steps; "
+                f"use a multiple of {shares} or change train.num_workers/train.grad_accum_steps"
+            )
+        if not self.resume:
+            raise ConfigError("train.resume: expected auto, never or a checkpoint path, got ''")
 
 
 @dataclass

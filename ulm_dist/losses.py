@@ -5,31 +5,38 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 FeatureExtractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-def perceptual_loss(
-    target: torch.Tensor,
-    output: torch.Tensor,
+def perceptual_distances(
+    targets: torch.Tensor,
+    outputs: torch.Tensor,
     features: FeatureExtractor | None,
     compare_pixels: bool,
 ) -> torch.Tensor:
-    """P(target, output): sum over pixels and feature layers of the mean absolute difference.
+    """P(target, output) per output image: the sum over pixels and feature layers of the
+    mean absolute difference. Returns (len(outputs),).
 
+    `outputs` may stack several reconstructions of the same targets, (m * B, 3, H, W) against
+    (B, 3, H, W): the targets' features are computed once and reused for each of them.
     L1 per layer (as in AutoLink) rather than Jakab et al.'s squared L2 with running-average
     rescaling: L1 keeps every layer's gradient on a comparable scale without extra state.
     """
-    total = output.new_zeros((), dtype=torch.float32)
+    repeats = outputs.shape[0] // targets.shape[0]
+    distances = outputs.new_zeros(outputs.shape[0], dtype=torch.float32)
     if compare_pixels:
-        total = total + F.l1_loss(output.float(), target.float())
+        distances = distances + _mean_abs(outputs, targets.repeat(repeats, 1, 1, 1))
     if features is not None:
-        # One pass over both halves: half the kernel launches, same result.
-        for activations in features(torch.cat([target, output])).values():
-            want, got = activations.float().chunk(2)
-            total = total + F.l1_loss(got, want.detach())
-    return total
+        with torch.no_grad():
+            wanted = features(targets)
+        for name, got in features(outputs).items():
+            distances = distances + _mean_abs(got, wanted[name].repeat(repeats, 1, 1, 1))
+    return distances
+
+
+def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).abs().flatten(1).mean(dim=1)
 
 
 def landmark_distance(points: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,14 @@ def test_swapping_the_pair_swaps_every_output():
     a, b = blobs(3, seed=1), blobs(3, seed=2)
     with torch.no_grad():
         ab, ba = learner.model(a, b), learner.model(b, a)
-        for name in ("landmarks", "landmarks_again", "swapped", "reconstructed", "flows"):
+        for name in (
+            "landmarks",
+            "landmarks_again",
+            "swapped",
+            "recoded",
+            "reconstructed",
+            "flows",
+        ):
             first, second = getattr(ab, name), getattr(ba, name)
             assert torch.allclose(first[0], second[1], atol=1e-5), name
             assert torch.allclose(first[1], second[0], atol=1e-5), name
@@ -74,10 +81,13 @@ def test_loss_weights_scale_their_terms():
     a, b = blobs(2, seed=7), blobs(2, seed=8)
     with torch.no_grad():
         base = small_learner()(a, b)
-        weighted = small_learner("loss.lambda_cycle=2", "loss.lambda_inv=0", "loss.lambda_equiv=3")(
-            a, b
-        )
-    expected = 2 * base["cycle"] + 3 * base["equiv"]
+        weighted = small_learner(
+            "loss.lambda_cycle=2",
+            "loss.lambda_inv=0",
+            "loss.lambda_equiv=3",
+            "loss.lambda_recon=0.5",
+        )(a, b)
+    expected = 2 * base["cycle"] + 3 * base["equiv"] + 0.5 * base["recon"]
     assert weighted["total"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from ulm_dist.losses import perceptual_loss
+from ulm_dist.losses import perceptual_distances
 from ulm_dist.models import perceptual
 from ulm_dist.models.perceptual import VGG16Features
 
@@ -46,12 +46,19 @@ def test_without_weights_it_warns_once_and_is_deterministic(caplog, monkeypatch)
     assert torch.equal(taps["relu3_3"], second(images)["relu3_3"])
 
 
-def test_perceptual_loss_is_zero_for_equal_images_and_grows_with_the_difference():
+def test_perceptual_distance_is_zero_for_equal_images_and_grows_with_the_difference():
     vgg = VGG16Features(["relu1_2", "relu2_2"])
     image = torch.rand(2, 3, 32, 32)
     noise = torch.randn_like(image)
-    losses = [
-        perceptual_loss(image, (image + s * noise).clamp(0, 1), vgg, compare_pixels=True).item()
-        for s in (0.0, 0.05, 0.2)
-    ]
-    assert losses[0] == 0.0 and 0 < losses[1] < losses[2]
+    outputs = torch.cat([(image + s * noise).clamp(0, 1) for s in (0.0, 0.05, 0.2)])
+    distances = perceptual_distances(image, outputs, vgg, compare_pixels=True).view(3, 2)
+    assert torch.equal(distances[0], torch.zeros(2))
+    assert (distances[1] > 0).all() and (distances[2] > distances[1]).all()
+    # Stacked outputs give the same numbers as one call per output.
+    alone = perceptual_distances(image, outputs[4:], vgg, compare_pixels=True)
+    assert torch.allclose(alone, distances[2], rtol=1e-5)
+
+
+def test_pixels_only_is_the_mean_absolute_difference():
+    a, b = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.25)
+    assert perceptual_distances(a, b, None, compare_pixels=True).item() == 0.25
