@@ -124,6 +124,41 @@ class DataConfig:
     num_workers: int = option(1, "data-loader worker processes per training worker", min=0)
     shuffle_buffer: int = option(256, "samples held for shuffling within shards", min=1)
     s3_endpoint_url: str | None = option(None, "endpoint for S3-compatible stores (None: AWS)")
+    s3_max_attempts: int = option(
+        5, "tries per S3 request before giving up, with exponential backoff between", min=1
+    )
+    synthetic_seed: int = option(
+        0, "seed of the synthetic set (not train.seed: runs compare on the same data)"
+    )
+    pairs: Literal["unpaired", "warped"] = option(
+        "unpaired",
+        "image_j of a pair: another image (unpaired) or a TPS/affine warp of image_i (warped, "
+        "for the conditional-generation baseline)",
+    )
+    flip_probability: float = option(
+        0.0,
+        "chance of a horizontal flip per view; landmarks follow the manifest's flip permutation",
+        min=0,
+        max=1,
+    )
+    crop_scale: float = option(
+        0.85, "smallest random square crop, as a fraction of the image side (1: no crop)",
+        min=0.1, max=1,
+    )
+    brightness: float = option(0.2, "colour jitter: brightness factor in 1 +- this", min=0, max=1)
+    contrast: float = option(0.2, "colour jitter: contrast factor in 1 +- this", min=0, max=1)
+    saturation: float = option(0.2, "colour jitter: saturation factor in 1 +- this", min=0, max=1)
+    hue: float = option(0.05, "colour jitter: hue rotation in +- this many turns", min=0, max=0.5)
+    warp_rotation_deg: float = option(
+        5.0, "warped pairs: std of the rotation in degrees (Jakab et al. 2018)", min=0
+    )
+    warp_scale_std: float = option(0.1, "warped pairs: std of the log scale", min=0)
+    warp_translation_std: float = option(
+        0.1, "warped pairs: std of the shift, in half image widths", min=0
+    )
+    warp_tps_std: float = option(
+        0.05, "warped pairs: std of the TPS control-point shifts, in half image widths", min=0
+    )
 
 
 @dataclass

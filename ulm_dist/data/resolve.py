@@ -1,0 +1,85 @@
+"""From `DataConfig.train` / `.val` to the shards to read (`ShardSet`).
+
+A data spec is one of:
+- `synthetic`: the generated set (built on first use under `data.cache_dir`);
+- a folder or `s3://bucket/prefix` holding `manifest.parquet`, or holding one split folder per
+  split (`train/`, `val/`, `test/`, as `python -m ulm_dist.data build` writes them), from which
+  the requested split is taken;
+- a shard pattern such as `dir/train-{000000..000009}.tar` (brace-expanded); sample counts then
+  come from a manifest beside the shards when there is one.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+import braceexpand
+
+from ulm_dist.config import DataConfig
+from ulm_dist.data import locations
+from ulm_dist.data.build import ensure_synthetic_dataset
+from ulm_dist.data.manifest import MANIFEST_NAME, DatasetSummary, Manifest, read_manifest
+from ulm_dist.data.s3 import S3Options
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Shard URLs to stream, with what their manifest says when there is one."""
+
+    urls: tuple[str, ...]
+    # Samples per shard URL, where known: sizes epochs and counts the samples a broken shard lost.
+    sample_counts: dict[str, int] = field(default_factory=dict)
+    summary: DatasetSummary | None = None
+
+    @property
+    def total_samples(self) -> int | None:
+        if len(self.sample_counts) < len(self.urls):
+            return None
+        return sum(self.sample_counts[url] for url in self.urls)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> ShardSet:
+        counts = {shard.url: shard.samples for shard in manifest.shards}
+        return cls(tuple(manifest.urls), counts, manifest.summary)
+
+
+def s3_options(data: DataConfig) -> S3Options:
+    return S3Options(endpoint_url=data.s3_endpoint_url, max_attempts=data.s3_max_attempts)
+
+
+def resolve_shards(data: DataConfig, spec: str, split: str, *, image_size: int) -> ShardSet:
+    """The shards `spec` names (see the module docstring); `split` picks a split folder of a
+    data set root and of the synthetic set. Call it on the driver: for `synthetic` it may
+    generate the set, which workers then read from `data.cache_dir`."""
+    options = s3_options(data)
+    if spec == "synthetic":
+        folder = ensure_synthetic_dataset(
+            data.cache_dir, data.synthetic_samples, image_size, data.synthetic_seed
+        )
+        return ShardSet.from_manifest(read_manifest(str(folder / split), options))
+    if "{" in spec or spec.endswith(".tar"):
+        return _from_pattern(spec, options)
+    for folder in (spec, locations.join(spec, split)):
+        try:
+            return ShardSet.from_manifest(read_manifest(folder, options))
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(
+        f"data spec {spec!r}: expected {locations.join(spec, MANIFEST_NAME)} or "
+        f"{locations.join(spec, split, MANIFEST_NAME)}, found neither; build the shards with "
+        "`python -m ulm_dist.data build` (or `synth`), or give a shard pattern like "
+        "dir/train-{000000..000009}.tar"
+    )
+
+
+def _from_pattern(pattern: str, options: S3Options) -> ShardSet:
+    urls = tuple(braceexpand.braceexpand(pattern))
+    try:
+        manifest = read_manifest(locations.parent(urls[0]), options)
+    except FileNotFoundError:
+        return ShardSet(urls)
+    # Matched by file name: the pattern and the manifest may spell the folder differently.
+    by_name = {posixpath.basename(shard.url): shard.samples for shard in manifest.shards}
+    counts = {url: by_name[name] for url in urls if (name := posixpath.basename(url)) in by_name}
+    return ShardSet(urls, counts, manifest.summary)
