@@ -7,6 +7,7 @@ cached, atomic variant the training driver calls before its workers start.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import math
@@ -27,6 +28,8 @@ from ulm_dist.data.shards import Encoding, Sample, ShardJob, samples_per_shard, 
 
 # Samples read to estimate the encoded size of one, when shards are sized in bytes.
 _PROBE_SAMPLES = 16
+# Below this many images, starting worker processes costs more than it saves.
+_PARALLEL_FROM_SAMPLES = 10_000
 # The fixed ids of the synthetic splits, part of each shard's seed.
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -157,9 +160,10 @@ def _write_split(
         workers=write.workers,
         progress=write.progress,
     )
-    manifest = Manifest(tuple(rows), summary)
-    write_manifest(folder, manifest, write.s3)
-    return manifest
+    write_manifest(folder, Manifest(tuple(rows), summary), write.s3)
+    # As `read_manifest` gives it: shard urls absolute.
+    shards = (dataclasses.replace(row, url=locations.join(folder, row.url)) for row in rows)
+    return Manifest(tuple(shards), summary)
 
 
 def synthetic_split_samples(train_samples: int) -> dict[str, int]:
@@ -195,16 +199,21 @@ def ensure_synthetic_dataset(
         if (folder / "train" / MANIFEST_NAME).is_file():
             return folder
         staging = cache_dir / f".{folder.name}.{uuid.uuid4().hex}.partial"
+        splits = synthetic_split_samples(num_samples)
         try:
             build_synthetic(
                 str(staging),
-                split_samples=synthetic_split_samples(num_samples),
+                split_samples=splits,
                 image_size=image_size,
                 seed=seed,
                 shard_samples=synthetic_shard_samples(num_samples),
-                write=WriteOptions(workers=os.cpu_count() or 1),
+                write=WriteOptions(workers=_workers_for(sum(splits.values()))),
             )
             os.rename(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _workers_for(samples: int) -> int:
+    return 1 if samples < _PARALLEL_FROM_SAMPLES else os.cpu_count() or 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -104,7 +103,9 @@ def generate(count: int, size: int, rng: np.random.Generator) -> tuple[np.ndarra
     chunk = max(1, _PIXELS_PER_CHUNK // (size * size))
     for start in range(0, count, block):
         posed = _take(scene, slice(start, start + block))
-        canonical = warp_lib.backward(posed.pose, grid, _grid_interpolation(size, posed.pose.grid))
+        canonical = warp_lib.backward(
+            posed.pose, grid, warp_lib.grid_interpolation(size, posed.pose.grid)
+        )
         for offset in range(0, len(canonical), chunk):
             part = slice(offset, offset + chunk)
             drawn = _render(_take(posed, part), canonical[part], grid, rng)
@@ -143,11 +144,6 @@ def _render(
     image += 0.08 * (rng.random(image.shape, dtype=np.float32) - 0.5)  # sensor noise
     image = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
     return image.reshape(len(image), 3, size, size).transpose(0, 2, 3, 1)
-
-
-@lru_cache(maxsize=4)
-def _grid_interpolation(size: int, grid: int) -> np.ndarray:
-    return warp_lib.tps_interpolation_matrix(warp_lib.pixel_centres(size), grid).astype(np.float32)
 
 
 def _sample_scene(rng: np.random.Generator, count: int) -> _Scene:

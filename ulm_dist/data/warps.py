@@ -75,6 +75,12 @@ def pixel_centres(size: int) -> np.ndarray:
     return np.stack([x.ravel(), y.ravel()], axis=-1)
 
 
+@lru_cache(maxsize=8)
+def grid_interpolation(size: int, grid: int) -> np.ndarray:
+    """`tps_interpolation_matrix` of the pixel centres of a size x size image (float32, cached)."""
+    return tps_interpolation_matrix(pixel_centres(size), grid).astype(np.float32)
+
+
 def tps_interpolation_matrix(points: np.ndarray, grid: int) -> np.ndarray:
     """Matrix W (..., P, C) with D(points) = W @ values for the TPS through the C = grid^2
     control points (a regular lattice over [-1, 1]^2) taking `values` there.
