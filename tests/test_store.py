@@ -1,0 +1,114 @@
+import json
+
+import pyarrow.fs as pafs
+import pytest
+
+from tests.conftest import free_port
+from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path) -> CheckpointStore:
+    if request.param == "local":
+        return CheckpointStore(str(tmp_path / "runs"), "run")
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return CheckpointStore(f"{bucket}/runs", "run", endpoint_url=endpoint)
+
+
+def write_checkpoint(store: CheckpointStore, step: int, mark: bool = True) -> str:
+    """A checkpoint folder as the workers would upload it, marked complete or not."""
+    path = f"{store.run_path}/{store.checkpoint_dir_name(step)}"
+    store.filesystem.create_dir(f"{path}/engine", recursive=True)
+    for name, payload in {"engine/weights.pt": b"w" * step, "train_state.json": b"{}"}.items():
+        with store.filesystem.open_output_stream(f"{path}/{name}") as stream:
+            stream.write(payload)
+    if mark:
+        store.mark_complete(path, step, world_size=2)
+    return path
+
+
+def test_lists_marked_checkpoints_by_step_with_their_info(store):
+    store.check_writable()
+    for step in (20, 5, 10):
+        write_checkpoint(store, step)
+    assert [checkpoint.step for checkpoint in store.checkpoints()] == [5, 10, 20]
+    latest = store.latest()
+    assert latest.step == 20 and latest.info == {"world_size": 2}
+    assert latest.path == f"{store.run_path}/checkpoint_00000020"
+    assert store.open_checkpoint(store.uri(latest.path)) == latest
+
+
+def test_a_half_written_checkpoint_is_never_the_latest(store):
+    write_checkpoint(store, 1)
+    write_checkpoint(store, 2, mark=False)  # upload still running: no marker yet
+    assert store.latest().step == 1
+    assert store.has_checkpoint_folders()
+
+
+def test_a_checkpoint_missing_a_listed_file_or_with_a_torn_marker_is_ignored(store):
+    write_checkpoint(store, 1)
+    pruned = write_checkpoint(store, 2)
+    store.filesystem.delete_file(f"{pruned}/engine/weights.pt")  # deletion interrupted
+    torn = write_checkpoint(store, 3)
+    with store.filesystem.open_output_stream(f"{torn}/{MARKER_NAME}") as stream:
+        stream.write(b'{"step": 3, "fil')
+    assert [checkpoint.step for checkpoint in store.checkpoints()] == [1]
+    with pytest.raises(StorageError, match="not a complete checkpoint"):
+        store.open_checkpoint(store.uri(pruned))
+
+
+def test_the_marker_lists_every_file_with_its_size(store):
+    path = write_checkpoint(store, 7)
+    with store.filesystem.open_input_stream(f"{path}/{MARKER_NAME}") as stream:
+        marker = json.loads(stream.read())
+    assert marker["files"] == {"engine/weights.pt": 7, "train_state.json": 2}
+
+
+def test_an_empty_run_has_no_checkpoints(store):
+    assert store.checkpoints() == [] and store.latest() is None
+    assert not store.has_checkpoint_folders()
+
+
+def test_download_copies_the_checkpoint_folder(store, tmp_path):
+    write_checkpoint(store, 4)
+    local = store.download(store.latest(), tmp_path / "copy")
+    assert (local / "engine" / "weights.pt").read_bytes() == b"wwww"
+
+
+def test_small_files_go_into_the_run_folder(store):
+    uri = store.write_text("config.yaml", "train: {}\n")
+    assert uri.endswith("/run/config.yaml") and store.exists("config.yaml")
+    assert not store.exists("other.yaml")
+
+
+def test_unwritable_local_storage_is_refused_with_the_reason(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match=r"train.storage: cannot write to .*a_file/runs/run"):
+        CheckpointStore(str(blocker / "runs"), "run").check_writable()
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_unreachable_s3_endpoint_is_refused_quickly():
+    store = CheckpointStore("s3://bucket/runs", "run", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageError, match=r"cannot write to s3://bucket/runs/run: .*connect"):
+        store.check_writable()
+
+
+def test_missing_bucket_is_refused(s3_server):
+    store = CheckpointStore("s3://no-such-bucket/runs", "run", s3_server)
+    with pytest.raises(StorageError, match="check the path or that the bucket exists"):
+        store.check_writable()
+
+
+def test_other_schemes_are_refused():
+    with pytest.raises(StorageError, match=r"gs://b/p: expected a local folder or s3://"):
+        CheckpointStore("gs://b/p", "run")
+
+
+def test_local_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = CheckpointStore("runs", "demo")
+    assert isinstance(store.filesystem, pafs.LocalFileSystem)
+    assert store.run_path == str(tmp_path / "runs" / "demo")

@@ -1,0 +1,191 @@
+"""The checkpoint store: where a run's checkpoints live, and which of them are complete.
+
+`train.storage` is a local folder or `s3://bucket/prefix` (any S3-compatible store through
+`data.s3_endpoint_url`), seen through one pyarrow filesystem that Ray Train uploads through
+too. A run owns `<storage>/<run_name>/`; each checkpoint is a folder in it named after its
+step. The store knows nothing of what is inside a checkpoint. Once every worker's upload of a
+checkpoint is done, `mark_complete` writes a marker listing the checkpoint's files and sizes;
+a checkpoint counts only if its marker is there, parses, and every listed file is present at
+its size. A checkpoint half uploaded (a worker died mid-way) or half deleted (pruning
+interrupted) is therefore never taken for the latest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MARKER_NAME = "checkpoint_complete.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+S3_SCHEME = "s3://"
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used, or a checkpoint that is not there; says what to do."""
+
+
+def open_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path within it for a local folder or an s3:// URI."""
+    if uri.startswith(S3_SCHEME):
+        filesystem = pafs.S3FileSystem(
+            endpoint_override=endpoint_url,
+            # Fail within seconds on an unreachable endpoint instead of retrying for minutes.
+            connect_timeout=5,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        )
+        return filesystem, uri.removeprefix(S3_SCHEME).rstrip("/")
+    if "://" in uri:
+        raise StorageError(f"{uri}: expected a local folder or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A complete checkpoint: its step, its folder (a filesystem path) and its marker's info."""
+
+    step: int
+    path: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointStore:
+    """The checkpoints of one run, `<storage>/<run_name>/checkpoint_<step>/`."""
+
+    def __init__(self, storage: str, run_name: str, endpoint_url: str | None = None):
+        self.storage = storage
+        self.endpoint_url = endpoint_url
+        self.filesystem, self.root = open_filesystem(storage, endpoint_url)
+        self.run_path = f"{self.root}/{run_name}"
+
+    def uri(self, path: str) -> str:
+        """A filesystem path of this store as the user would write it."""
+        return S3_SCHEME + path if isinstance(self.filesystem, pafs.S3FileSystem) else path
+
+    @staticmethod
+    def checkpoint_dir_name(step: int) -> str:
+        # Zero-padded so that names sort by step.
+        return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    def check_writable(self) -> None:
+        """Write, read back and delete a probe in the run folder, or say why that failed."""
+        probe = f"{self.run_path}/.write_probe"
+        try:
+            self.filesystem.create_dir(self.run_path, recursive=True)
+            with self.filesystem.open_output_stream(probe) as stream:
+                stream.write(b"ok")
+            with self.filesystem.open_input_stream(probe) as stream:
+                stream.read()
+            self.filesystem.delete_file(probe)
+        except OSError as error:
+            raise StorageError(
+                f"train.storage: cannot write to {self.uri(self.run_path)}: {error}. Expected a "
+                "writable local folder or s3://bucket/prefix: check the path or that the bucket "
+                "exists, the AWS credentials, and data.s3_endpoint_url for S3-compatible stores"
+            ) from error
+
+    def mark_complete(self, checkpoint_path: str, step: int, **info: Any) -> None:
+        """Record that the checkpoint folder holds all its files (call after every upload)."""
+        files = _files_under(self.filesystem, checkpoint_path)
+        files.pop(MARKER_NAME, None)
+        marker = {"step": step, "files": files, **info}
+        # The marker is the last thing written and a single object: a reader sees all or none.
+        self._write(f"{checkpoint_path}/{MARKER_NAME}", json.dumps(marker, indent=1))
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        """The run's complete checkpoints, oldest first."""
+        # One listing of the whole run folder, grouped by checkpoint folder.
+        folders: dict[str, dict[str, int]] = {}
+        for relative, size in _files_under(self.filesystem, self.run_path).items():
+            folder, _, name = relative.partition("/")
+            if folder.startswith(CHECKPOINT_PREFIX) and name:
+                folders.setdefault(folder, {})[name] = size
+        verified = (
+            _verified(self.filesystem, f"{self.run_path}/{folder}", files)
+            for folder, files in folders.items()
+        )
+        return sorted(
+            (checkpoint for checkpoint in verified if checkpoint is not None),
+            key=lambda checkpoint: checkpoint.step,
+        )
+
+    def latest(self) -> StoredCheckpoint | None:
+        complete = self.checkpoints()
+        return complete[-1] if complete else None
+
+    def has_checkpoint_folders(self) -> bool:
+        """Whether the run has any checkpoint folder at all, complete or not."""
+        selector = pafs.FileSelector(self.run_path, allow_not_found=True)
+        return any(
+            entry.base_name.startswith(CHECKPOINT_PREFIX)
+            for entry in self.filesystem.get_file_info(selector)
+        )
+
+    def open_checkpoint(self, uri: str) -> StoredCheckpoint:
+        """A checkpoint named by the user (local path or s3:// URI), checked to be complete."""
+        filesystem, path = open_filesystem(uri, self.endpoint_url)
+        checkpoint = _verified(filesystem, path, _files_under(filesystem, path))
+        if checkpoint is None:
+            raise StorageError(
+                f"{uri}: not a complete checkpoint (expected a {CHECKPOINT_PREFIX}<step> folder "
+                f"holding {MARKER_NAME} and every file it lists); pick one that a training run "
+                "printed at its end"
+            )
+        return checkpoint
+
+    def download(self, checkpoint: StoredCheckpoint, destination: Path) -> Path:
+        """A local copy of the checkpoint's folder (for readers that need local files)."""
+        destination.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            checkpoint.path,
+            str(destination),
+            source_filesystem=self.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        return destination
+
+    def exists(self, name: str) -> bool:
+        info = self.filesystem.get_file_info(f"{self.run_path}/{name}")
+        return info.type != pafs.FileType.NotFound
+
+    def write_text(self, name: str, text: str) -> str:
+        """Write a small file into the run folder; returns its URI."""
+        path = f"{self.run_path}/{name}"
+        self._write(path, text)
+        return self.uri(path)
+
+    def _write(self, path: str, text: str) -> None:
+        self.filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+        with self.filesystem.open_output_stream(path) as stream:
+            stream.write(text.encode())
+
+
+def _files_under(filesystem: pafs.FileSystem, path: str) -> dict[str, int]:
+    """Every file below `path` (relative name -> size); empty if `path` does not exist."""
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=True)
+    return {
+        entry.path.removeprefix(path + "/"): entry.size
+        for entry in filesystem.get_file_info(selector)
+        if entry.type == pafs.FileType.File
+    }
+
+
+def _verified(
+    filesystem: pafs.FileSystem, path: str, files: dict[str, int]
+) -> StoredCheckpoint | None:
+    """The checkpoint at `path` if its marker parses and every file it lists is present."""
+    if MARKER_NAME not in files:
+        return None
+    try:
+        with filesystem.open_input_stream(f"{path}/{MARKER_NAME}") as stream:
+            marker = json.loads(stream.read())
+        expected, step = marker.pop("files"), marker.pop("step")
+    except (OSError, ValueError, KeyError, TypeError):
+        # Unreadable or truncated marker: treat the checkpoint as incomplete.
+        return None
+    if any(files.get(name) != size for name, size in expected.items()):
+        return None
+    return StoredCheckpoint(step=step, path=path, info=marker)
