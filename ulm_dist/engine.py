@@ -1,0 +1,126 @@
+"""DeepSpeed wiring: our `TrainConfig` -> a DeepSpeed config, the engine around a learner, its
+state saved into / loaded from a checkpoint folder, and a checkpoint's weights read back as
+a plain state dict.
+
+This is the one place that knows the ZeRO stage and the precision. The training loop only
+calls the engine (`engine(...)`, `backward`, `step`) and the helpers here, so it reads the
+same whether the state is sharded or not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ulm_dist.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+# Sub-folder of a checkpoint that holds DeepSpeed's (possibly sharded) state.
+ENGINE_TAG = "engine"
+# DeepSpeed's own progress prints ("step=..., lr=...") would duplicate ours.
+_NEVER = 2**31 - 1
+
+
+def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str:
+    """`train.precision` with `auto` made concrete for the hardware the workers run on."""
+    if requested != "auto":
+        return requested
+    # bf16 keeps fp32's exponent range, so it needs no loss scaling; on CPUs it is slow.
+    return "bf16" if on_gpu and bf16_supported else "fp32"
+
+
+def check_precision(precision: str, on_gpu: bool) -> None:
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError(
+            "train.precision: fp16 needs GPUs (its loss scaling and kernels are CUDA-only), "
+            "but this run trains on CPU; use fp32 or bf16 on CPU, or train.device=gpu on a "
+            "Ray cluster with GPUs"
+        )
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config for `train` on `world_size` data-parallel workers."""
+    micro_batch = train.batch_size // (world_size * train.grad_accum_steps)
+    return {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        # loss_scale 0 selects dynamic loss scaling: start at 2^16, halve on overflow (and skip
+        # that step), double after 1000 clean steps.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW instead of DeepSpeed's fused kernels: those are compiled on first
+            # use, need a CUDA toolchain on GPUs and do not exist for CPUs.
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": train.steps,
+                # DeepSpeed needs at least one warm-up step.
+                "warmup_num_steps": max(1, train.warmup_steps),
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": _NEVER,
+    }
+
+
+def build_engine(learner: nn.Module, config: dict[str, Any]) -> DeepSpeedEngine:
+    """Wrap `learner`; only its trainable parameters reach the optimizer.
+
+    The frozen perceptual network stays out of the optimizer (no Adam state for it); under
+    ZeRO-3 its weights are still partitioned and gathered like the others'.
+    """
+    # Imported on use: the driver imports this module but never trains, and importing
+    # DeepSpeed probes for an accelerator (and warns on CPU-only machines).
+    import deepspeed
+
+    trainable = [parameter for parameter in learner.parameters() if parameter.requires_grad]
+    engine, *_ = deepspeed.initialize(model=learner, model_parameters=trainable, config=config)
+    return engine
+
+
+def input_dtype(engine: DeepSpeedEngine) -> torch.dtype:
+    """The dtype the engine's weights are in, which its inputs must match."""
+    model_dtype, _ = engine.get_data_types()
+    return model_dtype
+
+
+def save_engine_state(engine: DeepSpeedEngine, folder: Path) -> None:
+    """Each worker writes its share of weights, optimizer and LR-schedule state (collective)."""
+    engine.save_checkpoint(str(folder), tag=ENGINE_TAG, save_latest=False)
+
+
+def load_engine_state(engine: DeepSpeedEngine, folder: Path) -> None:
+    """Restore what `save_engine_state` wrote, with the same number of workers (collective)."""
+    loaded_from, _ = engine.load_checkpoint(str(folder), tag=ENGINE_TAG)
+    if loaded_from is None:
+        raise FileNotFoundError(
+            f"{folder}: expected DeepSpeed state in {folder / ENGINE_TAG}, found none; "
+            "is this a checkpoint written by ulm_dist.train?"
+        )
+
+
+def read_learner_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The learner's full fp32 state dict from a local checkpoint folder, without DeepSpeed's
+    runtime: sharded ZeRO state is gathered, bf16/fp16 weights come from the fp32 master copy.
+    Load it with `build_learner(...).load_state_dict(weights)`.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine_folder = Path(folder) / ENGINE_TAG
+    if any(engine_folder.glob("*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_TAG)
+    # Without ZeRO (stage 0, fp32) the whole module sits in rank 0's model-states file.
+    states = torch.load(engine_folder / "mp_rank_00_model_states.pt", weights_only=False)
+    return states["module"]
