@@ -1,0 +1,64 @@
+import json
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ulm_dist.metrics_log import MetricsLog, format_duration, progress_line
+
+
+def record(step: int, loss: float) -> dict:
+    return {
+        "step": step,
+        "loss/total": loss,
+        "loss/cycle": loss / 2,
+        "time/data_wait_s": 0.1,
+        "time/compute_s": 0.9,
+        "throughput/pairs_per_s": 16.0,
+        "throughput/pairs_per_s_per_worker": 8.0,
+        "data/skipped": 0,
+    }
+
+
+def steps_in_file(log: MetricsLog) -> list[int]:
+    return [json.loads(line)["step"] for line in log.path.read_text().splitlines()]
+
+
+def test_a_resumed_attempt_replaces_what_the_failed_one_logged_after_the_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in (2, 4, 6):  # the attempt that fails after step 6; last checkpoint at step 4
+        assert not log.append(record(step, 1.0))
+    assert log.append(record(6, 0.5))  # the resumed attempt reports step 6 again
+    assert not log.append(record(8, 0.25))
+    log.close()
+    assert steps_in_file(log) == [2, 4, 6, 8]
+    assert [r["loss/total"] for r in log.records] == [1.0, 1.0, 0.5, 0.25]
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    # TensorBoard hides the failed attempt's step 6 (purge), so each step shows once.
+    scalars = events.Scalars("loss/total")
+    assert [(s.step, s.value) for s in scalars] == [(2, 1.0), (4, 1.0), (6, 0.5), (8, 0.25)]
+
+
+def test_a_rerun_continues_the_log_left_on_disk(tmp_path):
+    first = MetricsLog(tmp_path)
+    for step in (2, 4, 6):
+        first.append(record(step, 1.0))
+    first.close()
+    rerun = MetricsLog(tmp_path)
+    assert [r["step"] for r in rerun.records] == [2, 4, 6]
+    assert rerun.append(record(6, 0.7))
+    rerun.close()
+    assert steps_in_file(rerun) == [2, 4, 6]
+
+
+def test_the_progress_line_has_step_losses_throughput_data_share_and_eta():
+    line = progress_line(record(10, 2.5), total_steps=100)
+    assert line == (
+        "step  10/100 | loss 2.5000 (cycle 1.2500) | 16.0 pairs/s (8.0/worker) | "
+        "data wait 10% | ETA 1m30s"
+    )
+
+
+def test_durations_read_as_minutes_or_hours():
+    assert format_duration(59.6) == "1m00s"
+    assert format_duration(3725) == "1h02m"
