@@ -1,0 +1,289 @@
+"""What each Ray Train worker runs: `train_func(config)`.
+
+Each worker builds the learner and its DeepSpeed engine (`engine.py`), streams its share of
+the shards and trains to `train.steps`. Every `train.log_every` steps it reports run-wide
+metrics with `ray.train.report`; every `train.checkpoint_every` steps, and at the last step,
+it reports a checkpoint too. It starts from `ray.train.get_checkpoint()` when Ray has one
+(a restart after a worker failure, or a rerun of the same run), else from `train.resume` if
+that names a checkpoint.
+
+A checkpoint holds the engine's state (weights, optimizer and LR schedule, sharded as the
+engine shards them), each worker's RNG states, and `train_state.json` (step, samples seen,
+skipped samples, the resolved config). The data stream restarts at every checkpoint, seeded
+with `train.seed + step`, so the step is also the stream position: a resumed run sees exactly
+the batches an uninterrupted run sees, without replaying what came before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ulm_dist.config import Config, config_from_dict
+from ulm_dist.data import make_pair_loader
+from ulm_dist.engine import (
+    build_engine,
+    deepspeed_config,
+    input_dtype,
+    load_engine_state,
+    save_engine_state,
+)
+from ulm_dist.models import build_learner
+from ulm_dist.store import CheckpointStore, open_filesystem
+
+TRAIN_STATE_NAME = "train_state.json"
+RNG_FOLDER = "rng"
+RESUME_KEYWORDS = ("auto", "never")
+
+
+@dataclass
+class TrainState:
+    """Where training stands beyond the engine's own state; the same on every worker."""
+
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # image pairs trained on, all workers together
+    skipped_total: int = 0  # bad samples the data loaders skipped, all workers together
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point; `config` is what `train.py` puts together."""
+    cfg = config_from_dict(config["config"])
+    train = cfg.train
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    store = CheckpointStore(train.storage, train.run_name, cfg.data.s3_endpoint_url)
+
+    # The same seed everywhere gives every worker the same initial weights.
+    seed_everything(train.seed)
+    learner = build_learner(cfg.model, cfg.loss)
+    engine = build_engine(learner, deepspeed_config(train, world_size, config["precision"]))
+    seed_everything(train.seed + 1 + rank)
+    state = TrainState()
+    checkpoint = starting_checkpoint(cfg)
+    if checkpoint is not None:
+        state = restore(engine, checkpoint, rank)
+
+    dtype = input_dtype(engine)
+    micro_batch = train.batch_size // (world_size * train.grad_accum_steps)
+    meter = IntervalMeter(engine.device)
+    batches = None
+    while state.step < train.steps:
+        if batches is None:
+            loader = make_pair_loader(
+                cfg.data,
+                config["shards"],
+                cfg.model.image_size,
+                micro_batch,
+                rank=rank,
+                world_size=world_size,
+                seed=train.seed + state.step,
+            )
+            batches = iter(loader)
+        for _ in range(train.grad_accum_steps):
+            started = time.perf_counter()
+            batch = next(batches)
+            fetched = time.perf_counter()
+            image_i = batch["image_i"].to(engine.device, dtype, non_blocking=True)
+            image_j = batch["image_j"].to(engine.device, dtype, non_blocking=True)
+            losses = engine(image_i, image_j)
+            engine.backward(losses["total"])
+            engine.step()
+            meter.add_micro_batch(
+                losses,
+                pairs=len(image_i),
+                skipped=int(batch["skipped"].sum()),
+                data_wait=fetched - started,
+                compute=time.perf_counter() - fetched,
+            )
+        meter.end_step()
+        state.step += 1
+        state.samples_seen += train.batch_size
+
+        checkpoint_due = state.step % train.checkpoint_every == 0 or state.step == train.steps
+        if checkpoint_due or state.step % train.log_every == 0:
+            metrics = meter.flush(world_size)
+            state.skipped_total += metrics["data/skipped"]
+            metrics.update(
+                step=state.step,
+                samples_seen=state.samples_seen,
+                lr=engine.get_lr()[0],
+                **{"data/skipped_total": state.skipped_total},
+            )
+            if checkpoint_due:
+                save_checkpoint(engine, state, cfg, store, metrics, rank, world_size)
+                # Restart the stream at the step, as a resumed run would (see module doc).
+                batches = None
+            else:
+                ray.train.report(metrics)
+        if state.step == train.fail_at_step:
+            inject_fault_once(store, state.step, rank, world_size)
+
+
+def starting_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
+    """Ray's latest checkpoint of this run, else the one `train.resume` names, else None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.train.resume not in RESUME_KEYWORDS:
+        filesystem, path = open_filesystem(cfg.train.resume, cfg.data.s3_endpoint_url)
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+    return checkpoint
+
+
+def save_checkpoint(
+    engine: Any,
+    state: TrainState,
+    cfg: Config,
+    store: CheckpointStore,
+    metrics: dict[str, Any],
+    rank: int,
+    world_size: int,
+) -> None:
+    """Write this worker's part into a local temporary folder, then hand it to Ray, which
+    uploads every worker's part into one folder of the store and registers it only once all
+    of them are there."""
+    with tempfile.TemporaryDirectory(prefix="ulm_checkpoint_") as name:
+        folder = Path(name)
+        save_engine_state(engine, folder)
+        (folder / RNG_FOLDER).mkdir()
+        torch.save(rng_states(), folder / RNG_FOLDER / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            saved = {**asdict(state), "world_size": world_size, "config": cfg.to_dict()}
+            (folder / TRAIN_STATE_NAME).write_text(json.dumps(saved, indent=1))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=store.checkpoint_dir_name(state.step),
+        )
+
+
+def restore(engine: Any, checkpoint: ray.train.Checkpoint, rank: int) -> TrainState:
+    with checkpoint.as_directory() as name:
+        folder = Path(name)
+        load_engine_state(engine, folder)
+        saved = json.loads((folder / TRAIN_STATE_NAME).read_text())
+        set_rng_states(torch.load(folder / RNG_FOLDER / f"rank_{rank:05d}.pt", weights_only=False))
+    return TrainState(
+        step=saved["step"],
+        samples_seen=saved["samples_seen"],
+        skipped_total=saved["skipped_total"],
+    )
+
+
+class IntervalMeter:
+    """Sums what happens on this worker between two reports; `flush` turns the sums into
+    run-wide metrics (a collective: every worker calls it at the same step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.steps = 0
+        self.pairs = 0
+        self.skipped = 0
+        self.data_wait = 0.0
+        self.compute = 0.0
+
+    def add_micro_batch(
+        self,
+        losses: dict[str, torch.Tensor],
+        *,
+        pairs: int,
+        skipped: int,
+        data_wait: float,
+        compute: float,
+    ) -> None:
+        for name, value in losses.items():
+            # Summed on the device: reading a value every step would stall a GPU's queue.
+            self.loss_sums[name] = self.loss_sums.get(name, 0) + value.detach().float()
+        self.micro_batches += 1
+        self.pairs += pairs
+        self.skipped += skipped
+        self.data_wait += data_wait
+        self.compute += compute
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def flush(self, world_size: int) -> dict[str, float | int]:
+        names = sorted(self.loss_sums)
+        losses = torch.stack([self.loss_sums[name] for name in names]) / self.micro_batches
+        counters = torch.tensor(
+            [
+                self.data_wait / self.steps,
+                self.compute / self.steps,
+                self.pairs / (self.data_wait + self.compute),
+                self.skipped,
+            ]
+        )
+        summed = torch.cat([losses.to(self.device), counters.to(self.device)])
+        dist.all_reduce(summed)
+        *loss_sums, data_wait, compute, pairs_per_s, skipped = summed.tolist()
+        metrics: dict[str, float | int] = {
+            f"loss/{name}": value / world_size for name, value in zip(names, loss_sums, strict=True)
+        }
+        metrics.update(
+            {
+                "time/data_wait_s": data_wait / world_size,
+                "time/compute_s": compute / world_size,
+                "throughput/pairs_per_s": pairs_per_s,
+                "throughput/pairs_per_s_per_worker": pairs_per_s / world_size,
+                "data/skipped": round(skipped),
+            }
+        )
+        if self.device.type == "cuda":
+            peak = torch.tensor(torch.cuda.max_memory_allocated(self.device), device=self.device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            metrics["memory/gpu_peak_mb"] = peak.item() / 2**20
+        self._reset()
+        return metrics
+
+
+def inject_fault_once(store: CheckpointStore, step: int, rank: int, world_size: int) -> None:
+    """`train.fail_at_step`, for tests: the last worker dies as a crashed process would. A
+    marker in the run folder keeps it from firing again after the restart or a rerun."""
+    marker = f"fault_injected_at_step_{step}"
+    if rank != world_size - 1 or store.exists(marker):
+        return
+    store.write_text(marker, f"worker {rank} exited on purpose after step {step}\n")
+    # Wait until Ray has registered every report so far, so the run restarts from the last
+    # checkpoint reported before this point and not, by a race, from an earlier one.
+    ray.train.get_all_reported_checkpoints()
+    os._exit(1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])

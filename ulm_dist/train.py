@@ -1,0 +1,267 @@
+"""The main job: train the landmark learner on N Ray Train workers with DeepSpeed.
+
+    python -m ulm_dist.train [--config jobs/<file>.yaml] [--resume auto|never|PATH]
+                             [--verbose] [section.key=value ...]
+
+With no arguments it trains the embedded default: local Ray (or the cluster in RAY_ADDRESS,
+as under `ray job submit`), the synthetic data set, the tiny preset, 2 workers, CPU if the
+cluster has no GPU, checkpoints in `runs/<run_name>`. Everything that can be checked is
+checked before any worker starts (config keys and values, storage, resume point, device and
+precision); then a `TorchTrainer` runs `loop.train_func` on every worker. A reporter running
+in Ray Train's controller marks checkpoints complete, writes the metrics and sends the
+progress lines that this driver prints. A rerun with the same run name continues from the
+run's latest checkpoint (`train.resume`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import yaml
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Queue
+
+from ulm_dist.config import Config, ConfigError, load_config
+from ulm_dist.data import ShardSet, resolve_shards
+from ulm_dist.engine import check_precision, resolve_precision
+from ulm_dist.loop import RESUME_KEYWORDS, train_func
+from ulm_dist.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
+from ulm_dist.store import CheckpointStore, StorageError
+
+CONFIG_NAME = "config.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    try:
+        train(load_config(args.config, overrides), verbose=args.verbose)
+    except (ConfigError, StorageError) as error:
+        print(f"ulm_dist.train: error: {error}", file=sys.stderr)
+        return 2
+    except ray.train.TrainingFailedError as error:
+        print(f"ulm_dist.train: training failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ulm_dist.train",
+        description="Train the landmark learner with Ray Train + DeepSpeed.",
+    )
+    parser.add_argument("--config", help="job YAML (jobs/*.yaml); defaults apply without it")
+    parser.add_argument(
+        "--resume",
+        help="auto (default): continue the run's latest checkpoint; never: refuse if it has "
+        "one; PATH: start a new run from that checkpoint (same as train.resume=...)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's and the workers' own logs"
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def train(cfg: Config, verbose: bool = False) -> ray.train.Result:
+    """Check what can be checked, start the workers, and print where the results are."""
+    store = CheckpointStore(cfg.train.storage, cfg.train.run_name, cfg.data.s3_endpoint_url)
+    store.check_writable()
+    check_resume(cfg, store)
+    use_gpu = choose_device(cfg, verbose)
+    precision = choose_precision(cfg, use_gpu)
+    shards = prepare_data(cfg)
+
+    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    store.write_text(CONFIG_NAME, config_text)
+    log_folder = Path(cfg.train.log_dir).expanduser().resolve() / cfg.train.run_name
+    metrics_log = MetricsLog(log_folder)
+    (log_folder / CONFIG_NAME).write_text(config_text)
+
+    start_ray(verbose)
+    lines = Queue(actor_options={"num_cpus": 0})
+    # Ray Train would move each worker into a scratch folder of its own; staying in the
+    # driver's working folder keeps relative paths in the config meaning the same there.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "shards": shards,
+            "precision": precision,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=store.root,
+            storage_filesystem=store.filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=[RunReporter(store, metrics_log, cfg, lines)],
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+        ),
+    )
+    print(
+        f"run {cfg.train.run_name}: {cfg.train.num_workers} workers on "
+        f"{'GPU' if use_gpu else 'CPU'}, {precision}, ZeRO-{cfg.train.zero_stage}; "
+        f"{cfg.train.steps} steps x {cfg.train.batch_size} pairs; "
+        f"store {store.uri(store.run_path)}",
+        flush=True,
+    )
+    with printing_lines(lines):
+        result = trainer.fit()
+
+    latest = store.latest()
+    final = store.uri(latest.path) if latest else "none"
+    print(f"checkpoint: {final}")
+    print(f"metrics:    {metrics_log.path}")
+    print(f"run folder: {store.uri(store.run_path)} (config, checkpoints, Ray Train's state)")
+    print(f"TensorBoard: tensorboard --logdir {log_folder / TENSORBOARD_NAME}", flush=True)
+    return result
+
+
+class RunReporter(UserCallback):
+    """Called by Ray Train in its controller, on the driver's node, once every worker has
+    reported. By then every worker's upload of a reported checkpoint is done, so this is
+    where the checkpoint is marked complete; the metrics go to the run's log and a progress
+    line to the driver."""
+
+    def __init__(self, store: CheckpointStore, metrics_log: MetricsLog, cfg: Config, lines: Queue):
+        self.store = store
+        self.metrics_log = metrics_log
+        self.total_steps = cfg.train.steps
+        self.max_failures = cfg.train.max_failures
+        self.lines = lines
+
+    def after_report(
+        self,
+        run_context: Any,
+        metrics: list[dict[str, Any]],
+        checkpoint: ray.train.Checkpoint | None,
+    ) -> None:
+        record = metrics[0]  # every worker reports the same run-wide values
+        line = progress_line(record, self.total_steps)
+        if checkpoint is not None:
+            self.store.mark_complete(checkpoint.path, record["step"], world_size=len(metrics))
+            line += f" | saved {Path(checkpoint.path).name}"
+        if self.metrics_log.append(record):
+            self.lines.put(
+                f"resumed from the latest checkpoint: the reports from step {record['step']} "
+                "on replace those of the failed attempt"
+            )
+        self.lines.put(line)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+            self.lines.put(f"worker {rank} failed: {first_line}")
+        self.lines.put(
+            "Ray Train restarts the workers from the latest checkpoint, up to "
+            f"train.max_failures={self.max_failures} times"
+        )
+
+
+@contextlib.contextmanager
+def printing_lines(lines: Queue) -> Iterator[None]:
+    """Print, on the driver, the lines the reporter sends, until the block ends."""
+
+    def print_until_done() -> None:
+        while (line := lines.get()) is not None:
+            print(line, flush=True)
+
+    printer = threading.Thread(target=print_until_done, daemon=True)
+    printer.start()
+    try:
+        yield
+    finally:
+        lines.put(None)
+        printer.join()
+
+
+def check_resume(cfg: Config, store: CheckpointStore) -> None:
+    """Refuse a resume setting that cannot work before anything starts."""
+    resume = cfg.train.resume
+    if store.has_checkpoint_folders():
+        if resume == "never":
+            raise ConfigError(
+                f"train.resume: never, but run {cfg.train.run_name!r} already has checkpoints in "
+                f"{store.uri(store.run_path)}; choose another train.run_name, delete that "
+                "folder, or resume with train.resume=auto"
+            )
+        # Ray Train continues the run from its own latest checkpoint.
+        start = store.latest()
+    elif resume in RESUME_KEYWORDS:
+        return
+    else:
+        start = store.open_checkpoint(resume)
+    if start is not None and start.info.get("world_size") != cfg.train.num_workers:
+        raise ConfigError(
+            f"train.num_workers: the checkpoint to resume from ({store.uri(start.path)}) was "
+            f"written by {start.info.get('world_size')} workers, this run has "
+            f"{cfg.train.num_workers}; ZeRO shards its state per worker, so resume with "
+            f"train.num_workers={start.info.get('world_size')} or start a new run"
+        )
+
+
+def start_ray(verbose: bool) -> None:
+    """Join the cluster in RAY_ADDRESS (or start a local one) unless already connected."""
+    if ray.is_initialized():
+        return
+    # Workers' own output (DeepSpeed, PyTorch warnings) stays in Ray's log files unless asked
+    # for; progress comes from the reporter, and worker errors come back through fit().
+    ray.init(
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+    )
+
+
+def choose_device(cfg: Config, verbose: bool) -> bool:
+    """Whether the workers train on GPUs (one each); asks the Ray cluster unless told CPU."""
+    if cfg.train.device == "cpu":
+        return False
+    start_ray(verbose)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.train.device == "auto" and gpus == 0:
+        return False
+    if gpus < cfg.train.num_workers:
+        raise ConfigError(
+            f"train.device: {cfg.train.num_workers} workers need one GPU each but the Ray "
+            f"cluster has {gpus}; lower train.num_workers, add GPUs, or set train.device=cpu"
+        )
+    return True
+
+
+def choose_precision(cfg: Config, use_gpu: bool) -> str:
+    bf16_supported = use_gpu and cfg.train.precision == "auto" and _gpu_supports_bf16()
+    precision = resolve_precision(cfg.train.precision, use_gpu, bf16_supported)
+    check_precision(precision, use_gpu)
+    return precision
+
+
+def _gpu_supports_bf16() -> bool:
+    # Asked on a GPU worker node: the driver's node may have no GPU at all.
+    probe = ray.remote(num_gpus=1)(torch.cuda.is_bf16_supported)
+    return ray.get(probe.remote())
+
+
+def prepare_data(cfg: Config) -> ShardSet:
+    """The train shards; the synthetic set is generated into the cache on first use."""
+    return resolve_shards(cfg.data, cfg.data.train, "train", image_size=cfg.model.image_size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
