@@ -34,6 +34,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.fixture
+def unused_tcp_port() -> int:
+    """A port on 127.0.0.1 with nothing listening (it was free a moment ago)."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Starts `moto_server` on 127.0.0.1 and yields its endpoint URL; stops it at the end.
