@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import pytest
+
+from ulm_dist.data.s3_server import free_port, local_s3_server
 
 # Dummy credentials and region: enough for boto3 and pyarrow's S3FileSystem to sign requests
 # that moto accepts. Variables that could point a client elsewhere are cleared.
@@ -25,13 +20,6 @@ _S3_ENVIRONMENT = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 _S3_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL")
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -49,49 +37,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     `data.s3_endpoint_url`): AWS_ENDPOINT_URL is deliberately not set, so that a test fails
     if some code path forgets the endpoint.
     """
-    executable = Path(sys.executable).with_name("moto_server")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
     with pytest.MonkeyPatch.context() as patch:
         for name, value in _S3_ENVIRONMENT.items():
             patch.setenv(name, value)
         for name in _S3_CLEARED:
             patch.delenv(name, raising=False)
-        with open(log_path, "wb") as log:
-            server = subprocess.Popen(
-                [str(executable), "-H", "127.0.0.1", "-p", str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=os.environ.copy(),
-            )
-        try:
-            _wait_until_up(endpoint, server, log_path)
+        log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+        with local_s3_server(log_path) as endpoint:
             yield endpoint
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-
-def _wait_until_up(endpoint: str, server: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(
-                f"moto_server exited with code {server.returncode} before answering; its log "
-                f"({log_path}):\n{log_path.read_text()[-2000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError(f"moto_server did not answer at {endpoint} within 60 s; see {log_path}")
 
 
 @pytest.fixture
