@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--verbose", action="store_true", help="show Ray's and the workers' own logs"
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    return parser.parse_args(argv)
+    # Intermixed: options and key=value overrides may come in any order.
+    return parser.parse_intermixed_args(argv)
 
 
 def train(cfg: Config, verbose: bool = False) -> ray.train.Result:

@@ -1,0 +1,134 @@
+"""End to end through `python -m ulm_dist.train`'s `main`: real Ray (2 CPU workers), real
+DeepSpeed, a real S3 server on 127.0.0.1. A tiny model and few steps keep each run to about
+a minute on 2 cores."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from ulm_dist.config import load_config
+from ulm_dist.engine import read_learner_weights
+from ulm_dist.metrics_log import METRICS_NAME
+from ulm_dist.models import build_learner
+from ulm_dist.store import CheckpointStore
+from ulm_dist.train import main
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.image_size=16",
+    "model.channels=[8, 16]",
+    "model.flow_channels=8",
+    "model.appearance_dim=8",
+    "model.num_landmarks=4",
+    "loss.perceptual_layers=[pixels]",
+    "data.synthetic_samples=16",
+    "train.batch_size=8",
+    "train.lr=0.003",
+    "train.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    # Started after the S3 fixture has put the test credentials in the environment, which
+    # the workers inherit.
+    ray.init(num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def common_args(tmp_path_factory, ray_cluster, log_dir) -> list[str]:
+    cache = tmp_path_factory.mktemp("cache")
+    return [*TINY, f"data.cache_dir={cache}", f"train.log_dir={log_dir}"]
+
+
+def metric_records(log_dir: Path, run_name: str) -> list[dict]:
+    lines = (log_dir / run_name / METRICS_NAME).read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def final_weights(store: CheckpointStore, tmp_path) -> dict[str, torch.Tensor]:
+    latest = store.latest()
+    return read_learner_weights(store.download(latest, tmp_path / f"copy_{latest.step}"))
+
+
+def test_zero2_on_s3_survives_a_killed_worker(common_args, log_dir, s3_server, s3_bucket, tmp_path):
+    args = [
+        *common_args,
+        f"train.storage={s3_bucket}/runs",
+        f"data.s3_endpoint_url={s3_server}",
+        "train.run_name=zero2",
+        "train.zero_stage=2",
+        "train.steps=12",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.keep_checkpoints=2",
+        "train.fail_at_step=6",  # after the checkpoint at 4: steps 5 and 6 are redone
+        "train.max_failures=1",
+    ]
+    assert main(args) == 0
+
+    cfg = load_config(None, args)
+    store = CheckpointStore(cfg.train.storage, "zero2", s3_server)
+    assert store.exists("fault_injected_at_step_6"), "the worker kill did not happen"
+    assert [checkpoint.step for checkpoint in store.checkpoints()] == [8, 12]
+    assert store.exists("config.yaml")
+
+    records = metric_records(log_dir, "zero2")
+    assert [record["step"] for record in records] == [2, 4, 6, 8, 10, 12]
+    assert records[-1]["samples_seen"] == 12 * 8
+    losses = [record["loss/total"] for record in records]
+    assert sum(losses[-2:]) / 2 < losses[0], f"loss did not fall: {losses}"
+
+    weights = final_weights(store, tmp_path)
+    learner = build_learner(cfg.model, cfg.loss)
+    learner.load_state_dict(weights)  # strict: every parameter and buffer is in the checkpoint
+    landmarks = learner.landmarks(torch.rand(2, 3, 16, 16))
+    assert landmarks.shape == (2, 4, 2) and landmarks.abs().max() <= 1
+
+
+def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp_path):
+    storage = tmp_path / "runs"
+    base = [
+        *common_args,
+        f"train.storage={storage}",
+        "train.zero_stage=3",
+        "train.steps=6",
+        "train.log_every=3",
+        "train.checkpoint_every=3",
+    ]
+    assert main([*base, "train.run_name=straight"]) == 0
+
+    # Killed after its checkpoint at step 3 with no restarts allowed: the run fails...
+    interrupted = [*base, "train.run_name=interrupted", "train.fail_at_step=3", "--resume=auto"]
+    assert main([*interrupted, "train.max_failures=0"]) == 1
+    # ... and the same command again continues it from that checkpoint to step 6.
+    assert main(interrupted) == 0
+
+    # A new run started from the uninterrupted run's checkpoint at step 3.
+    straight_store = CheckpointStore(str(storage), "straight")
+    step3 = straight_store.uri(straight_store.checkpoints()[0].path)
+    assert step3.endswith("checkpoint_00000003")
+    assert main([*base, "train.run_name=branched", f"--resume={step3}"]) == 0
+
+    expected = final_weights(straight_store, tmp_path)
+    for run_name in ("interrupted", "branched"):
+        store = CheckpointStore(str(storage), run_name)
+        assert store.latest().step == 6
+        weights = final_weights(store, tmp_path / run_name)
+        assert weights.keys() == expected.keys()
+        for name, value in weights.items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+        steps = [record["step"] for record in metric_records(log_dir, run_name)]
+        assert steps == ([3, 6] if run_name == "interrupted" else [6])

@@ -1,0 +1,88 @@
+"""Bad configurations stop `python -m ulm_dist.train` with a clear message before Ray or any
+worker starts (exit code 2)."""
+
+import pytest
+import ray
+
+from tests.conftest import free_port
+from tests.test_store import write_checkpoint
+from ulm_dist.store import CheckpointStore
+from ulm_dist.train import main
+
+
+@pytest.fixture
+def run_args(tmp_path) -> list[str]:
+    return [f"train.storage={tmp_path / 'runs'}", f"train.log_dir={tmp_path / 'logs'}"]
+
+
+def refused(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    assert not ray.is_initialized(), "the error should come before Ray starts"
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.zero=2"], "unknown config key train.zero; known keys here: "),
+        (["train.zero_stage=4"], "train.zero_stage: must be <= 3, got 4"),
+        (
+            ["train.device=cpu", "train.precision=fp16"],
+            "train.precision: fp16 needs GPUs (its loss scaling and kernels are CUDA-only), "
+            "but this run trains on CPU",
+        ),
+        (
+            ["train.batch_size=15"],
+            "train.batch_size: 15 pairs per step do not split evenly into 2 workers x 1 "
+            "accumulation steps; use a multiple of 2",
+        ),
+        (
+            ["train.num_workers=4", "train.grad_accum_steps=3", "train.batch_size=16"],
+            "use a multiple of 12",
+        ),
+        (["train.precision=fp8"], "train.precision: expected one of ['auto', 'fp32', 'bf16'"),
+        (["train.run_name=a/b"], "train.run_name: expected a folder name without '/'"),
+    ],
+)
+def test_impossible_values_are_refused(capsys, run_args, overrides, message):
+    assert message in refused(capsys, [*run_args, *overrides])
+
+
+def test_unreachable_s3_storage_is_refused(capsys, tmp_path, s3_server):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    error = refused(
+        capsys,
+        [
+            "train.storage=s3://bucket/runs",
+            f"data.s3_endpoint_url={endpoint}",
+            f"train.log_dir={tmp_path}",
+        ],
+    )
+    assert "train.storage: cannot write to s3://bucket/runs/demo" in error
+    assert "data.s3_endpoint_url" in error
+
+
+def test_unwritable_local_storage_is_refused(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    error = refused(capsys, [f"train.storage={tmp_path / 'file'}"])
+    assert f"train.storage: cannot write to {tmp_path / 'file' / 'demo'}" in error
+
+
+def test_resume_never_refuses_a_run_that_has_checkpoints(capsys, tmp_path, run_args):
+    write_checkpoint(CheckpointStore(str(tmp_path / "runs"), "demo"), 10)
+    error = refused(capsys, [*run_args, "--resume", "never"])
+    assert "train.resume: never, but run 'demo' already has checkpoints" in error
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(capsys, tmp_path, run_args):
+    other = CheckpointStore(str(tmp_path / "elsewhere"), "old")
+    path = write_checkpoint(other, 10, mark=False)
+    error = refused(capsys, [*run_args, "--resume", path])
+    assert f"{path}: not a complete checkpoint" in error
+
+
+def test_resuming_with_another_number_of_workers_is_refused(capsys, tmp_path, run_args):
+    write_checkpoint(CheckpointStore(str(tmp_path / "runs"), "demo"), 10)  # by 2 workers
+    error = refused(capsys, [*run_args, "train.num_workers=4"])
+    assert "train.num_workers: the checkpoint to resume from" in error
+    assert "was written by 2 workers, this run has 4" in error
