@@ -132,6 +132,12 @@ def split_items(
     With `group_by` (a metadata field such as "identity"), whole groups go to one split, so
     the splits share no group; fractions then count groups, not images.
     """
+    held_out = sum(fractions.values())
+    if any(not 0 <= f < 1 for f in fractions.values()) or held_out >= 1:
+        raise ValueError(
+            f"split fractions {fractions}: expected each in [0, 1) and a sum below 1, so that "
+            "a train split remains"
+        )
     if group_by is not None and items and group_by not in items[0].metadata:
         raise ValueError(
             f"split by {group_by!r}: no such column; the table has {sorted(items[0].metadata)}"

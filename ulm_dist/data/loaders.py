@@ -88,15 +88,6 @@ class _ShardStream(IterableDataset):
         if self.resampled:
             urls = resampled_shards(self.shards.urls, rng)
         else:
-            consumers = self.world_size * num_workers
-            if len(self.shards.urls) < consumers:
-                log.warning(
-                    "%d shards for %d ranks x %d loader workers: some workers get none; "
-                    "write smaller shards to use them all",
-                    len(self.shards.urls),
-                    self.world_size,
-                    num_workers,
-                )
             urls = shards_for_worker(
                 self.shards.urls,
                 rank=self.rank,
@@ -225,6 +216,15 @@ class EpochLoader:
             pin_memory=torch.cuda.is_available(),
         )
         self._epoch = 0
+        consumers = stream.world_size * max(1, num_workers)
+        if not stream.resampled and len(stream.shards.urls) < consumers:
+            log.warning(
+                "%d shards for %d ranks x %d loader workers: some workers get none; write "
+                "smaller shards to use them all",
+                len(stream.shards.urls),
+                stream.world_size,
+                max(1, num_workers),
+            )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Workers copy the stream when the iterator starts, so the epoch is set before that.
