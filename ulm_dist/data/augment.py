@@ -85,10 +85,7 @@ def square_view(
         pixels = pixels[:, ::-1]
         if points is not None:
             if flip_permutation is None:
-                raise ValueError(
-                    "flipping an image with landmarks needs the layout's flip permutation; set "
-                    "data.flip_probability=0 or build the shards with a layout (--layout)"
-                )
+                raise ValueError("flipping landmarks needs the layout's flip permutation, got None")
             points = flip_landmarks(points, size, flip_permutation)
     normalised = None if points is None else (points * (2 / size) - 1).astype(np.float32)
     return View(np.ascontiguousarray(pixels.transpose(2, 0, 1)), normalised)
