@@ -90,6 +90,12 @@ class LossConfig:
         "(not in Xu et al.; 0 gives their loss exactly, see models/cycle.py)",
         min=0,
     )
+    consistency_warmup: int = option(
+        500,
+        "training forward passes over which lambda_inv and lambda_equiv ramp up from 0 "
+        "(see models/cycle.py); 0 applies them in full from the start",
+        min=0,
+    )
     vgg_weights: str | None = option(
         None,
         "path to ImageNet VGG-16 weights in torchvision's state-dict format; "
@@ -142,8 +148,10 @@ class DataConfig:
         max=1,
     )
     crop_scale: float = option(
-        0.85, "smallest random square crop, as a fraction of the image side (1: no crop)",
-        min=0.1, max=1,
+        0.85,
+        "smallest random square crop, as a fraction of the image side (1: no crop)",
+        min=0.1,
+        max=1,
     )
     brightness: float = option(0.2, "colour jitter: brightness factor in 1 +- this", min=0, max=1)
     contrast: float = option(0.2, "colour jitter: contrast factor in 1 +- this", min=0, max=1)

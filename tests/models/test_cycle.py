@@ -10,6 +10,7 @@ SMALL = [
     "model.appearance_dim=16",
     "model.flow_channels=16",
     "loss.perceptual_layers=[pixels,relu1_2]",
+    "loss.consistency_warmup=0",
 ]
 
 
@@ -89,6 +90,25 @@ def test_loss_weights_scale_their_terms():
         )(a, b)
     expected = 2 * base["cycle"] + 3 * base["equiv"] + 0.5 * base["recon"]
     assert weighted["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_consistency_terms_ramp_up_over_the_warmup_in_training_only():
+    learner = small_learner(
+        "loss.consistency_warmup=4", "loss.lambda_cycle=0", "loss.lambda_recon=0"
+    )
+    a, b = blobs(2, seed=11), blobs(2, seed=12)
+    with torch.no_grad():
+        learner.eval()
+        full = learner(a, b)
+        assert full["total"].item() == pytest.approx((full["inv"] + full["equiv"]).item())
+        learner.train()
+        ramped = [learner(a, b) for _ in range(6)]
+    for passes, losses in enumerate(ramped, start=1):
+        share = min(1.0, passes / 4)
+        expected = share * (losses["inv"] + losses["equiv"])
+        assert losses["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert learner.forward_passes.item() == 6
+    assert "forward_passes" in learner.state_dict()  # so that a resumed run keeps its place
 
 
 def test_training_on_a_fixed_batch_reduces_the_loss():
