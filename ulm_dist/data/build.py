@@ -58,9 +58,9 @@ def build_from_folder(
     layout: LandmarkLayout | None = None,
     write: WriteOptions = WriteOptions(),
 ) -> dict[str, Manifest]:
-    """Shards an image folder (see `image_folder`); `shard_samples`, if given, overrides
-    `shard_bytes`. `fractions` (e.g. {"val": 0.05, "test": 0.1}) splits off parts at random,
-    whole `group_by` groups at a time; the rest is "train"."""
+    """Shards an image folder (see `image_folder`) in a random (seeded) order; `shard_samples`,
+    if given, overrides `shard_bytes`. `fractions` (e.g. {"val": 0.05, "test": 0.1}) splits
+    off parts at random, whole `group_by` groups at a time; the rest is "train"."""
     landmarks = read_landmark_table(table) if table is not None else None
     items = folder_items(source, landmarks)
     num_landmarks = landmarks.landmarks.shape[1] if landmarks is not None else 0
@@ -75,6 +75,9 @@ def build_from_folder(
         shard_samples = samples_per_shard(probe, write.encoding, shard_bytes)
     manifests = {}
     for split, members in split_items(items, fractions or {}, group_by=group_by, seed=seed).items():
+        # Shards mix the whole split: a reader's shuffle buffer only mixes a few shards, and
+        # folders tend to be sorted by person or by video.
+        members = [members[i] for i in np.random.default_rng(seed).permutation(len(members))]
         jobs: list[ShardJob] = [
             functools.partial(load_items, members[start : start + shard_samples], image_size)
             for start in range(0, len(members), shard_samples)
