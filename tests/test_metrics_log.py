@@ -10,6 +10,7 @@ def record(step: int, loss: float) -> dict:
         "step": step,
         "loss/total": loss,
         "loss/cycle": loss / 2,
+        "time/step_s": 1.0,
         "time/data_wait_s": 0.1,
         "time/compute_s": 0.9,
         "throughput/pairs_per_s": 16.0,

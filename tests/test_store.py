@@ -3,8 +3,10 @@ import json
 import pyarrow.fs as pafs
 import pytest
 
-from tests.conftest import free_port
 from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError
+
+# Port 1 (tcpmux) has no listener on any machine these tests run on: connections are refused.
+UNREACHABLE_ENDPOINT = "http://127.0.0.1:1"
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -91,7 +93,7 @@ def test_unwritable_local_storage_is_refused_with_the_reason(tmp_path):
 
 @pytest.mark.usefixtures("s3_server")
 def test_unreachable_s3_endpoint_is_refused_quickly():
-    store = CheckpointStore("s3://bucket/runs", "run", f"http://127.0.0.1:{free_port()}")
+    store = CheckpointStore("s3://bucket/runs", "run", UNREACHABLE_ENDPOINT)
     with pytest.raises(StorageError, match=r"cannot write to s3://bucket/runs/run: .*connect"):
         store.check_writable()
 

@@ -35,9 +35,9 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    # Started after the S3 fixture has put the test credentials in the environment, which
-    # the workers inherit.
-    ray.init(num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
+    # A fresh local cluster (not one `ray start` may have left running), started after the S3
+    # fixture has put the test credentials in the environment, which the workers inherit.
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
     yield
     ray.shutdown()
 

@@ -1,11 +1,13 @@
 """Bad configurations stop `python -m ulm_dist.train` with a clear message before Ray or any
 worker starts (exit code 2)."""
 
+from pathlib import Path
+
 import pytest
 import ray
+from test_store import UNREACHABLE_ENDPOINT, write_checkpoint
 
-from tests.conftest import free_port
-from tests.test_store import write_checkpoint
+from ulm_dist.config import load_config
 from ulm_dist.store import CheckpointStore
 from ulm_dist.train import main
 
@@ -49,12 +51,11 @@ def test_impossible_values_are_refused(capsys, run_args, overrides, message):
 
 
 def test_unreachable_s3_storage_is_refused(capsys, tmp_path, s3_server):
-    endpoint = f"http://127.0.0.1:{free_port()}"
     error = refused(
         capsys,
         [
             "train.storage=s3://bucket/runs",
-            f"data.s3_endpoint_url={endpoint}",
+            f"data.s3_endpoint_url={UNREACHABLE_ENDPOINT}",
             f"train.log_dir={tmp_path}",
         ],
     )
@@ -86,3 +87,9 @@ def test_resuming_with_another_number_of_workers_is_refused(capsys, tmp_path, ru
     error = refused(capsys, [*run_args, "train.num_workers=4"])
     assert "train.num_workers: the checkpoint to resume from" in error
     assert "was written by 2 workers, this run has 4" in error
+
+
+def test_the_demo_job_file_is_the_embedded_default():
+    # The README's demo and `--config jobs/demo.yaml` must stay the same job.
+    demo_job = Path(__file__).parents[1] / "jobs" / "demo.yaml"
+    assert load_config(demo_job) == load_config()

@@ -188,6 +188,8 @@ class IntervalMeter:
         self._reset()
 
     def _reset(self) -> None:
+        # Wall time of the whole interval: steps, and the reports and checkpoints in between.
+        self.started = time.perf_counter()
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.micro_batches = 0
         self.steps = 0
@@ -220,22 +222,25 @@ class IntervalMeter:
     def flush(self, world_size: int) -> dict[str, float | int]:
         names = sorted(self.loss_sums)
         losses = torch.stack([self.loss_sums[name] for name in names]) / self.micro_batches
+        wall = time.perf_counter() - self.started
         counters = torch.tensor(
             [
+                wall / self.steps,
                 self.data_wait / self.steps,
                 self.compute / self.steps,
-                self.pairs / (self.data_wait + self.compute),
+                self.pairs / wall,
                 self.skipped,
             ]
         )
         summed = torch.cat([losses.to(self.device), counters.to(self.device)])
         dist.all_reduce(summed)
-        *loss_sums, data_wait, compute, pairs_per_s, skipped = summed.tolist()
+        *loss_sums, step_time, data_wait, compute, pairs_per_s, skipped = summed.tolist()
         metrics: dict[str, float | int] = {
             f"loss/{name}": value / world_size for name, value in zip(names, loss_sums, strict=True)
         }
         metrics.update(
             {
+                "time/step_s": step_time / world_size,
                 "time/data_wait_s": data_wait / world_size,
                 "time/compute_s": compute / world_size,
                 "throughput/pairs_per_s": pairs_per_s,

@@ -73,7 +73,7 @@ def progress_line(record: dict[str, Any], total_steps: int) -> str:
     terms = " ".join(
         f"{name} {value:.4f}" for name, value in sorted(losses.items()) if name != "total"
     )
-    step_time = record["time/data_wait_s"] + record["time/compute_s"]
+    step_time = record["time/step_s"]
     parts = [
         f"step {step:>{len(str(total_steps))}}/{total_steps}",
         f"loss {losses['total']:.4f} ({terms})",
