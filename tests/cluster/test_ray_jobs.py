@@ -1,0 +1,174 @@
+"""`ray job submit` end to end on real Ray clusters on this machine (see conftest.py): the
+demo job on one head node, as in docs/cluster.md's quick check, then on two nodes with its
+shards and checkpoints in S3, as on AWS. Each run shrinks the demo model and trains a few
+steps, so that it takes about a minute on 2 cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from local_ray import DASHBOARD, VENV_BIN, LoopbackCluster, loopback_cluster
+
+from ulm_dist.metrics_log import METRICS_NAME
+from ulm_dist.store import CheckpointStore
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+# The demo job, smaller: a narrower model on 16px images, 4 steps of 8 pairs, 2 workers.
+QUICK = [
+    "model.image_size=16",
+    "model.channels=[8, 16]",
+    "model.flow_channels=8",
+    "model.appearance_dim=8",
+    "model.num_landmarks=4",
+    "loss.perceptual_layers=[pixels]",
+    "data.synthetic_samples=16",
+    "train.num_workers=2",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    f"train.steps={STEPS}",
+    "train.log_every=2",
+    "train.checkpoint_every=2",
+]
+JOB_TIMEOUT_S = 400
+
+
+def submit(
+    cluster: LoopbackCluster, job_id: str, options: list[str], overrides: list[str]
+) -> tuple[dict, str]:
+    """`ray job submit ... -- python -m ulm_dist.train --config jobs/demo.yaml ...`, which
+    follows the job's output until it ends; returns the job's record (`ray list jobs`) and
+    that output, once the job has SUCCEEDED."""
+    output = cluster.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            f"--address={DASHBOARD}",
+            f"--submission-id={job_id}",
+            *options,
+            "--",
+            "python",
+            "-m",
+            "ulm_dist.train",
+            "--config",
+            "jobs/demo.yaml",
+            *QUICK,
+            *overrides,
+        ],
+        timeout=JOB_TIMEOUT_S,
+    )
+    (job,) = cluster.state("jobs", f"submission_id={job_id}")
+    assert job["status"] == "SUCCEEDED", f"job {job_id}: {job}\n--- its output:\n{output}"
+    return job, output
+
+
+def test_demo_job_on_a_local_head(tmp_path: Path):
+    store, logs = tmp_path / "store", tmp_path / "logs"
+    with loopback_cluster(keep_logs=tmp_path / "cluster") as cluster:
+        cluster.start_head(num_cpus=2)
+        job, output = submit(
+            cluster,
+            "demo-single-node",
+            ["--working-dir", "."],
+            [
+                "train.run_name=demo-job",
+                f"train.storage={store}",
+                f"train.log_dir={logs}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    # The working dir was uploaded and the job ran from it, not from this checkout.
+    assert job["runtime_env"]["working_dir"].startswith("gcs://"), job["runtime_env"]
+    assert job["driver_node_id"], job
+
+    latest = CheckpointStore(str(store), "demo-job").latest()
+    assert latest is not None and latest.step == STEPS, output
+    assert f"checkpoint: {latest.path}" in output
+    records = [json.loads(line) for line in (logs / "demo-job" / METRICS_NAME).open()]
+    assert [record["step"] for record in records] == list(range(2, STEPS + 1, 2))
+    assert all(record["loss/total"] > 0 for record in records)
+
+
+def test_demo_job_spreads_over_two_nodes_with_shards_and_checkpoints_in_s3(tmp_path: Path):
+    bucket, endpoint = "s3://ulm-cluster-test", "http://127.0.0.1:5000"
+    # Dummy credentials that the local S3 server accepts; every Ray process inherits them.
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    logs = tmp_path / "logs"
+    with loopback_cluster(keep_logs=tmp_path / "cluster", extra_env=credentials) as cluster:
+        # The bucket: an S3 server inside the cluster's network namespace.
+        cluster.start_background(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", "5000"], "moto_server.log"
+        )
+        run_python(cluster, WAIT_AND_CREATE_BUCKET.format(endpoint=endpoint, bucket=bucket[5:]))
+        # As docs/cluster.md does: shards built straight into the bucket.
+        cluster.run(
+            [
+                "python",
+                "-m",
+                "ulm_dist.data",
+                "synth",
+                f"{bucket}/synthetic",
+                "--n=32",
+                "--size=16",
+                "--samples-per-shard=16",
+                "--workers=1",
+                "--no-progress",
+                f"--endpoint-url={endpoint}",
+            ],
+            timeout=120,
+        )
+        # One CPU per node and one per training worker: the two workers need both nodes.
+        cluster.start_head(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        submit(
+            cluster,
+            "demo-two-nodes",
+            ["--runtime-env", "jobs/runtime_env.yaml"],
+            [
+                "train.run_name=demo-s3",
+                f"data.train={bucket}/synthetic/train",
+                f"data.s3_endpoint_url={endpoint}",
+                f"train.storage={bucket}/runs",
+                f"train.log_dir={logs}",
+            ],
+        )
+        nodes = cluster.state("nodes", "state=ALIVE")
+        workers = cluster.state("actors", "class_name=RayTrainWorker")
+        latest_step = run_python(
+            cluster,
+            "from ulm_dist.store import CheckpointStore\n"
+            f"print(CheckpointStore({bucket + '/runs'!r}, 'demo-s3', {endpoint!r}).latest().step)",
+        )
+
+    assert len(nodes) == 2, nodes
+    assert {worker["node_id"] for worker in workers} == {node["node_id"] for node in nodes}, workers
+    assert int(latest_step.split()[-1]) == STEPS
+    records = [json.loads(line) for line in (logs / "demo-s3" / METRICS_NAME).open()]
+    assert records[-1]["step"] == STEPS
+
+
+WAIT_AND_CREATE_BUCKET = """
+import time, urllib.request
+import boto3
+for _ in range(300):
+    try:
+        urllib.request.urlopen("{endpoint}", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+boto3.client("s3", endpoint_url="{endpoint}", region_name="us-east-1").create_bucket(
+    Bucket="{bucket}"
+)
+"""
+
+
+def run_python(cluster: LoopbackCluster, code: str) -> str:
+    return cluster.run(["python", "-c", code], timeout=120)
