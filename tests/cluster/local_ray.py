@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib.util import find_spec
 from pathlib import Path
 
 import psutil
@@ -154,6 +155,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _require_job_server() -> None:
+    """`ray job submit` talks to the dashboard's job server, which only `ray[default]` has."""
+    missing = [name for name in ("aiohttp", "aiohttp_cors") if not find_spec(name)]
+    if missing:
+        pytest.fail(
+            f"Ray's dashboard and job server need ray[default] (missing: {missing}); "
+            "install it: pip install 'ray[default]'"
+        )
+
+
 def _namespaces_available() -> str | None:
     """None if this machine can make the namespaces, else why not."""
     for tool in ("unshare", "nsenter", "ip"):
@@ -192,6 +203,7 @@ def loopback_cluster(
 ) -> Iterator[LoopbackCluster]:
     """A new, empty set of namespaces; start nodes with `start_head` and `add_node`. At the
     end, the commands' output and Ray's logs are copied to `keep_logs` (a test's tmp_path)."""
+    _require_job_server()
     reason = _namespaces_available()
     if reason is not None:
         pytest.skip(f"the local Ray cluster tests need Linux namespaces: {reason}")
