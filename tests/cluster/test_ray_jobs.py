@@ -1,7 +1,7 @@
-"""`ray job submit` end to end on real Ray clusters on this machine (see conftest.py): the
-demo job on one head node, as in docs/cluster.md's quick check, then on two nodes with its
-shards and checkpoints in S3, as on AWS. Each run shrinks the demo model and trains a few
-steps, so that each takes a minute or two on 2 cores."""
+"""`ray job submit` end to end on real Ray clusters on this machine (see local_ray.py): the
+demo job on one head node, as in docs/cluster.md ("Rehearse on your machine"), then on two
+nodes with its shards and checkpoints in S3, as on AWS. Each run shrinks the demo model and
+trains a few steps, so that each takes a minute or two on 2 cores."""
 
 from __future__ import annotations
 
