@@ -208,7 +208,7 @@ class TrainConfig:
     resume: str = option(
         "auto",
         "auto: continue this run from its latest checkpoint, if any; never: refuse to start if "
-        "the run has checkpoints; or the path of a checkpoint to start a new run from",
+        "the run has checkpoints; or a checkpoint path to start from while the run has none",
     )
     max_failures: int = option(
         2, "worker-group failures survived by restarting from the latest checkpoint", min=0

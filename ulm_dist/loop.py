@@ -68,6 +68,7 @@ def train_func(config: dict[str, Any]) -> None:
     seed_everything(train.seed)
     learner = build_learner(cfg.model, cfg.loss)
     engine = build_engine(learner, deepspeed_config(train, world_size, config["precision"]))
+    # From here on each worker draws its own random numbers.
     seed_everything(train.seed + 1 + rank)
     state = TrainState()
     checkpoint = starting_checkpoint(cfg)
@@ -75,7 +76,7 @@ def train_func(config: dict[str, Any]) -> None:
         state = restore(engine, checkpoint, rank)
 
     dtype = input_dtype(engine)
-    micro_batch = train.batch_size // (world_size * train.grad_accum_steps)
+    micro_batch = engine.train_micro_batch_size_per_gpu()
     meter = IntervalMeter(engine.device)
     batches = None
     while state.step < train.steps:
@@ -114,12 +115,8 @@ def train_func(config: dict[str, Any]) -> None:
         if checkpoint_due or state.step % train.log_every == 0:
             metrics = meter.flush(world_size)
             state.skipped_total += metrics["data/skipped"]
-            metrics.update(
-                step=state.step,
-                samples_seen=state.samples_seen,
-                lr=engine.get_lr()[0],
-                **{"data/skipped_total": state.skipped_total},
-            )
+            metrics["data/skipped_total"] = state.skipped_total
+            metrics.update(step=state.step, samples_seen=state.samples_seen, lr=engine.get_lr()[0])
             if checkpoint_due:
                 save_checkpoint(engine, state, cfg, store, metrics, rank, world_size)
                 # Restart the stream at the step, as a resumed run would (see module doc).

@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="job YAML (jobs/*.yaml); defaults apply without it")
     parser.add_argument(
         "--resume",
-        help="auto (default): continue the run's latest checkpoint; never: refuse if it has "
-        "one; PATH: start a new run from that checkpoint (same as train.resume=...)",
+        help="auto (default): continue the run from its latest checkpoint, if any; never: "
+        "refuse if it has one; PATH: start from that checkpoint while the run has none of its "
+        "own (same as train.resume=...)",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's and the workers' own logs"
@@ -146,6 +147,7 @@ class RunReporter(UserCallback):
         self.metrics_log = metrics_log
         self.total_steps = cfg.train.steps
         self.max_failures = cfg.train.max_failures
+        self.failures = 0
         self.lines = lines
 
     def after_report(
@@ -170,10 +172,14 @@ class RunReporter(UserCallback):
         for rank, error in sorted(worker_exceptions.items()):
             first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
             self.lines.put(f"worker {rank} failed: {first_line}")
-        self.lines.put(
-            "Ray Train restarts the workers from the latest checkpoint, up to "
-            f"train.max_failures={self.max_failures} times"
-        )
+        self.failures += 1
+        if self.failures > self.max_failures:
+            self.lines.put(f"no restarts left (train.max_failures={self.max_failures})")
+        else:
+            self.lines.put(
+                f"restarting the workers from the latest checkpoint (failure {self.failures} "
+                f"of at most train.max_failures={self.max_failures})"
+            )
 
 
 @contextlib.contextmanager
