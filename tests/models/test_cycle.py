@@ -124,3 +124,12 @@ def test_training_on_a_fixed_batch_reduces_the_loss():
         history.append(losses["total"].item())
     first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
     assert last < 0.6 * first, (first, last)
+
+
+def test_bf16_learner_trains_as_deepspeed_runs_it():
+    learner = small_learner().bfloat16()
+    a, b = blobs(2, seed=13).bfloat16(), blobs(2, seed=14).bfloat16()
+    losses = learner(a, b)
+    losses["total"].backward()
+    assert torch.isfinite(losses["total"]).item()
+    assert learner.model.pose_encoder.score_head.weight.grad.abs().sum() > 0

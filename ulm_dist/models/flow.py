@@ -39,8 +39,8 @@ def expected_source_positions(scores: torch.Tensor, temperature: float) -> torch
     b, hi, wi, hj, wj = scores.shape
     prob = F.softmax(scores.reshape(b, hi * wi, hj, wj) / temperature, dim=1)
     prob = prob.reshape(b, hi, wi, hj, wj)
-    xs = pixel_centres(wi, device=scores.device)
-    ys = pixel_centres(hi, device=scores.device)
+    xs = pixel_centres(wi, device=scores.device, dtype=prob.dtype)
+    ys = pixel_centres(hi, device=scores.device, dtype=prob.dtype)
     x = torch.einsum("byxvu,x->bvu", prob, xs)
     y = torch.einsum("byxvu,y->bvu", prob, ys)
     return torch.stack([x, y], dim=1)
