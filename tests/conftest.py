@@ -53,3 +53,18 @@ def s3_bucket(s3_server: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_overrides() -> list[str]:
+    """A model small enough for end-to-end runs on 2 cores: 16px, 4 landmarks, pixel loss."""
+    return [
+        "model.image_size=16",
+        "model.channels=[8, 16]",
+        "model.flow_channels=8",
+        "model.appearance_dim=8",
+        "model.num_landmarks=4",
+        "loss.perceptual_layers=[pixels]",
+        "data.synthetic_samples=16",
+        "train.batch_size=8",
+    ]

@@ -19,15 +19,7 @@ from ulm_dist.train import main
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.image_size=16",
-    "model.channels=[8, 16]",
-    "model.flow_channels=8",
-    "model.appearance_dim=8",
-    "model.num_landmarks=4",
-    "loss.perceptual_layers=[pixels]",
-    "data.synthetic_samples=16",
-    "train.batch_size=8",
+TRAINING = [
     "train.lr=0.003",
     "train.warmup_steps=2",
 ]
@@ -48,9 +40,14 @@ def log_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def common_args(tmp_path_factory, ray_cluster, log_dir) -> list[str]:
+def common_args(tmp_path_factory, ray_cluster, log_dir, tiny_model_overrides) -> list[str]:
     cache = tmp_path_factory.mktemp("cache")
-    return [*TINY, f"data.cache_dir={cache}", f"train.log_dir={log_dir}"]
+    return [
+        *tiny_model_overrides,
+        *TRAINING,
+        f"data.cache_dir={cache}",
+        f"train.log_dir={log_dir}",
+    ]
 
 
 def metric_records(log_dir: Path, run_name: str) -> list[dict]:

@@ -17,17 +17,9 @@ from ulm_dist.store import CheckpointStore
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-# The demo job, smaller: a narrower model on 16px images, 4 steps of 8 pairs, 2 workers.
+# The demo job, smaller: the tiny model of tests/conftest.py, 4 steps of 8 pairs, 2 workers.
 QUICK = [
-    "model.image_size=16",
-    "model.channels=[8, 16]",
-    "model.flow_channels=8",
-    "model.appearance_dim=8",
-    "model.num_landmarks=4",
-    "loss.perceptual_layers=[pixels]",
-    "data.synthetic_samples=16",
     "train.num_workers=2",
-    "train.batch_size=8",
     "train.warmup_steps=1",
     f"train.steps={STEPS}",
     "train.log_every=2",
@@ -66,7 +58,7 @@ def submit(
     return job, output
 
 
-def test_demo_job_on_a_local_head(tmp_path: Path):
+def test_demo_job_on_a_local_head(tmp_path: Path, tiny_model_overrides: list[str]):
     store, logs = tmp_path / "store", tmp_path / "logs"
     with loopback_cluster(keep_logs=tmp_path / "cluster") as cluster:
         cluster.start_head(num_cpus=2)
@@ -75,6 +67,7 @@ def test_demo_job_on_a_local_head(tmp_path: Path):
             "demo-single-node",
             ["--working-dir", "."],
             [
+                *tiny_model_overrides,
                 "train.run_name=demo-job",
                 f"train.storage={store}",
                 f"train.log_dir={logs}",
@@ -93,7 +86,9 @@ def test_demo_job_on_a_local_head(tmp_path: Path):
     assert all(record["loss/total"] > 0 for record in records)
 
 
-def test_demo_job_spreads_over_two_nodes_with_shards_and_checkpoints_in_s3(tmp_path: Path):
+def test_demo_job_spreads_over_two_nodes_with_shards_and_checkpoints_in_s3(
+    tmp_path: Path, tiny_model_overrides: list[str]
+):
     bucket, endpoint = "s3://ulm-cluster-test", "http://127.0.0.1:5000"
     # Dummy credentials that the local S3 server accepts; every Ray process inherits them.
     credentials = {
@@ -133,6 +128,7 @@ def test_demo_job_spreads_over_two_nodes_with_shards_and_checkpoints_in_s3(tmp_p
             "demo-two-nodes",
             ["--runtime-env", "jobs/runtime_env.yaml"],
             [
+                *tiny_model_overrides,
                 "train.run_name=demo-s3",
                 f"data.train={bucket}/synthetic/train",
                 f"data.s3_endpoint_url={endpoint}",
