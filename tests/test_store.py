@@ -3,7 +3,7 @@ import json
 import pyarrow.fs as pafs
 import pytest
 
-from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError
+from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError, local_copy
 
 # Port 1 (tcpmux) has no listener on any machine these tests run on: connections are refused.
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:1"
@@ -114,3 +114,12 @@ def test_local_paths_are_made_absolute(tmp_path, monkeypatch):
     store = CheckpointStore("runs", "demo")
     assert isinstance(store.filesystem, pafs.LocalFileSystem)
     assert store.run_path == str(tmp_path / "runs" / "demo")
+
+
+def test_a_local_copy_holds_the_checkpoint_and_a_downloaded_one_is_deleted_afterwards(store):
+    path = write_checkpoint(store, step=7)
+    with local_copy(store.uri(path), store.endpoint_url) as folder:
+        assert (folder / "engine" / "weights.pt").read_bytes() == b"w" * 7
+        copied = folder
+    is_local = isinstance(store.filesystem, pafs.LocalFileSystem)
+    assert copied.exists() == is_local  # never delete the user's own folder

@@ -41,8 +41,8 @@ from ulm_dist.engine import (
 )
 from ulm_dist.models import build_learner
 from ulm_dist.store import CheckpointStore, open_filesystem
+from ulm_dist.trained import TRAIN_STATE_NAME
 
-TRAIN_STATE_NAME = "train_state.json"
 RNG_FOLDER = "rng"
 RESUME_KEYWORDS = ("auto", "never")
 

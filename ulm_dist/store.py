@@ -13,6 +13,9 @@ interrupted) is therefore never taken for the latest.
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,26 +128,13 @@ class CheckpointStore:
         )
 
     def open_checkpoint(self, uri: str) -> StoredCheckpoint:
-        """A checkpoint named by the user (local path or s3:// URI), checked to be complete."""
-        filesystem, path = open_filesystem(uri, self.endpoint_url)
-        checkpoint = _verified(filesystem, path, _files_under(filesystem, path))
-        if checkpoint is None:
-            raise StorageError(
-                f"{uri}: not a complete checkpoint (expected a {CHECKPOINT_PREFIX}<step> folder "
-                f"holding {MARKER_NAME} and every file it lists); pick one that a training run "
-                "printed at its end"
-            )
-        return checkpoint
+        """A checkpoint named by the user, checked to be complete (see `open_checkpoint`)."""
+        return open_checkpoint(uri, self.endpoint_url)
 
     def download(self, checkpoint: StoredCheckpoint, destination: Path) -> Path:
         """A local copy of the checkpoint's folder (for readers that need local files)."""
         destination.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(
-            checkpoint.path,
-            str(destination),
-            source_filesystem=self.filesystem,
-            destination_filesystem=pafs.LocalFileSystem(),
-        )
+        _copy_to_local(self.filesystem, checkpoint.path, destination)
         return destination
 
     def exists(self, name: str) -> bool:
@@ -161,6 +151,42 @@ class CheckpointStore:
         self.filesystem.create_dir(path.rpartition("/")[0], recursive=True)
         with self.filesystem.open_output_stream(path) as stream:
             stream.write(text.encode())
+
+
+def open_checkpoint(uri: str, endpoint_url: str | None = None) -> StoredCheckpoint:
+    """The complete checkpoint at `uri` (local path or s3:// URI), or a StorageError."""
+    filesystem, path = open_filesystem(uri, endpoint_url)
+    checkpoint = _verified(filesystem, path, _files_under(filesystem, path))
+    if checkpoint is None:
+        raise StorageError(
+            f"{uri}: not a complete checkpoint (expected a {CHECKPOINT_PREFIX}<step> folder "
+            f"holding {MARKER_NAME} and every file it lists); pick one that a training run "
+            "printed at its end"
+        )
+    return checkpoint
+
+
+@contextmanager
+def local_copy(uri: str, endpoint_url: str | None = None) -> Iterator[Path]:
+    """A local folder holding the checkpoint at `uri`: the folder itself when it is local,
+    else a temporary download, deleted on exit."""
+    checkpoint = open_checkpoint(uri, endpoint_url)
+    filesystem, _ = open_filesystem(uri, endpoint_url)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ulm_checkpoint_") as scratch:
+        _copy_to_local(filesystem, checkpoint.path, Path(scratch))
+        yield Path(scratch)
+
+
+def _copy_to_local(filesystem: pafs.FileSystem, path: str, destination: Path) -> None:
+    pafs.copy_files(
+        path,
+        str(destination),
+        source_filesystem=filesystem,
+        destination_filesystem=pafs.LocalFileSystem(),
+    )
 
 
 def _files_under(filesystem: pafs.FileSystem, path: str) -> dict[str, int]:

@@ -1,0 +1,51 @@
+"""A finished checkpoint as a plain PyTorch learner, for the tools that run after training
+(evaluate, export, predict, report): no Ray and no DeepSpeed engine.
+
+    trained = load_trained("runs/demo/checkpoint_00000300")   # or s3://bucket/.../checkpoint_*
+    points = trained.learner.landmarks(images)                # (B, K, 2) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ulm_dist.config import Config, config_from_dict
+from ulm_dist.engine import read_learner_weights
+from ulm_dist.models import build_learner
+from ulm_dist.store import StorageError, local_copy, open_checkpoint
+
+# Written by `loop.save_checkpoint` beside the engine state.
+TRAIN_STATE_NAME = "train_state.json"
+
+
+@dataclass
+class TrainedModel:
+    config: Config  # the resolved config the run trained with
+    learner: nn.Module  # in eval mode, on the CPU, fp32
+    step: int
+    uri: str  # where the checkpoint was read from
+    info: dict[str, Any] = field(default_factory=dict)  # its completion marker's extras
+
+
+def load_trained(uri: str, s3_endpoint_url: str | None = None) -> TrainedModel:
+    """Build the learner a checkpoint was trained as and load its weights (ZeRO shards are
+    gathered; bf16/fp16 runs give their fp32 master weights). A StorageError says what is
+    wrong with a path that is not a complete checkpoint."""
+    checkpoint = open_checkpoint(uri, s3_endpoint_url)
+    with local_copy(uri, s3_endpoint_url) as folder:
+        state_file = folder / TRAIN_STATE_NAME
+        if not state_file.exists():
+            raise StorageError(
+                f"{uri}: has no {TRAIN_STATE_NAME}; is this a checkpoint written by ulm_dist.train?"
+            )
+        saved = json.loads(state_file.read_text())
+        config = config_from_dict(saved["config"])
+        weights = read_learner_weights(folder)
+    learner = build_learner(config.model, config.loss)
+    learner.load_state_dict(weights)
+    learner.eval()
+    return TrainedModel(config, learner, saved["step"], uri, checkpoint.info)
