@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def train(cfg: Config, verbose: bool = False) -> ray.train.Result:
-    """Check what can be checked, start the workers, and print where the results are."""
+def train(
+    cfg: Config, verbose: bool = False, callbacks: Sequence[UserCallback] = ()
+) -> ray.train.Result:
+    """Check what can be checked, start the workers, and print where the results are.
+
+    `callbacks` see every report after the run's own reporter (a sweep passes the one that
+    forwards reports to Ray Tune, see tune.py)."""
     store = CheckpointStore(cfg.train.storage, cfg.train.run_name, cfg.data.s3_endpoint_url)
     store.check_writable()
     check_resume(cfg, store)
@@ -113,7 +118,7 @@ def train(cfg: Config, verbose: bool = False) -> ray.train.Result:
             storage_filesystem=store.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[RunReporter(store, metrics_log, cfg, lines)],
+            callbacks=[RunReporter(store, metrics_log, cfg, lines), *callbacks],
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
