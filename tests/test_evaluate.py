@@ -3,6 +3,7 @@ import torch
 
 from ulm_dist.evaluate import (
     apply_linear_map,
+    bounding_box_diagonal,
     fit_linear_map,
     inter_ocular_distance,
     landmark_regression,
@@ -32,6 +33,21 @@ def test_bias_term_captures_an_offset_that_no_intercept_cannot():
 def test_inter_ocular_distance_uses_eye_centres():
     points = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [12.0, 0.0]]])
     assert inter_ocular_distance(points, (0, 1), (2, 3)).item() == pytest.approx(10.0)
+
+
+def test_bounding_box_diagonal_spans_the_extreme_points():
+    points = torch.tensor([[[1.0, 1.0], [4.0, 2.0], [2.0, 5.0]]])
+    assert bounding_box_diagonal(points).item() == pytest.approx(5.0)  # a 3 x 4 box
+
+
+def test_without_eye_indices_errors_are_relative_to_the_bounding_box_diagonal():
+    torch.manual_seed(0)
+    annotated = torch.rand(30, 3, 2) * 20
+    report = landmark_regression(annotated[:20], annotated[:20], annotated[20:], annotated[20:])
+    test = annotated[20:]
+    diagonal = (test.amax(dim=1) - test.amin(dim=1)).norm(dim=-1)
+    expected = (100 * (test - annotated[:20].mean(0)).norm(dim=-1) / diagonal[:, None]).mean()
+    assert report.baseline_error == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_protocol_reports_zero_for_perfect_landmarks_and_the_mean_shape_baseline():

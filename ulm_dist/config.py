@@ -124,7 +124,12 @@ class DataConfig:
     train: str = option(
         "synthetic", "train shards: a folder, a shard pattern, s3://bucket/prefix, or 'synthetic'"
     )
-    val: str | None = option(None, "annotated shards for periodic evaluation (None: skip)")
+    val: str | None = option(
+        "auto",
+        "annotated shards for periodic evaluation, named as data.train (the 'val' split of a "
+        "data set root); auto: the synthetic val split when data.train is synthetic, else none; "
+        "null: none",
+    )
     cache_dir: str = option(".cache/ulm_dist", "where the synthetic set is generated on first use")
     synthetic_samples: int = option(4000, "size of the generated synthetic train split", min=16)
     num_workers: int = option(1, "data-loader worker processes per training worker", min=0)
@@ -168,6 +173,14 @@ class DataConfig:
         0.05, "warped pairs: std of the TPS control-point shifts, in half image widths", min=0
     )
 
+    def val_spec(self) -> str | None:
+        """`val` with auto made concrete. The synthetic set is only a fair yardstick for a
+        model trained on it, and it lives on the driver's disk, which workers reading
+        data.train from S3 on other nodes may not see."""
+        if self.val == "auto":
+            return "synthetic" if self.train == "synthetic" else None
+        return self.val
+
 
 @dataclass
 class TrainConfig:
@@ -201,6 +214,18 @@ class TrainConfig:
     grad_accum_steps: int = option(1, "micro-batches accumulated into each optimizer step", min=1)
     checkpoint_every: int = option(
         100, "steps between checkpoints; the last step always gets one", min=1
+    )
+    eval_every: int | None = option(
+        None,
+        "steps between evaluations on data.val (the val/ metrics); null: at every checkpoint; "
+        "the last step always gets one",
+        min=1,
+    )
+    eval_samples: int = option(
+        256,
+        "data.val images per evaluation: the linear regressor is fit on the first half and "
+        "scored on the second",
+        min=2,
     )
     keep_checkpoints: int = option(
         2, "newest checkpoints kept in the store; older ones are deleted", min=1

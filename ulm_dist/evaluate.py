@@ -7,14 +7,21 @@ al.'s code, and the map has no intercept by default, as there (`bias=True` adds 
 reverse direction (annotated -> discovered, Sanchez and Tzimiropoulos 2019) tells whether
 the discovered points carry more than the annotated ones. The mean-shape baseline predicts
 the training set's mean annotated shape for every image: a model must beat it by a wide
-margin to have learned anything.
+margin to have learned anything. Landmark layouts without eyes are normalised by the diagonal
+of the annotated points' bounding box instead.
+
+The command line, `python -m ulm_dist.evaluate CHECKPOINT --data ...`, is in
+`evaluation_cli.py`; periodic evaluation during training is in `validation.py`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+
+NORMALISERS = ("inter-ocular", "bbox-diagonal")
 
 
 @dataclass
@@ -23,6 +30,7 @@ class RegressionReport:
     reverse_error: float  # percent of the normaliser, annotated -> discovered
     baseline_error: float  # percent, the mean annotated shape for every image
     per_landmark: list[float]  # percent, one per annotated landmark
+    predicted: torch.Tensor  # (N, L, 2) the test images' regressed landmarks, pixels
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         return {
@@ -58,6 +66,11 @@ def inter_ocular_distance(
     return (left - right).norm(dim=-1)
 
 
+def bounding_box_diagonal(points: torch.Tensor) -> torch.Tensor:
+    """Diagonal of the box around each image's points: (N, L, 2) -> (N,)."""
+    return (points.amax(dim=1) - points.amin(dim=1)).norm(dim=-1)
+
+
 def normalised_errors(
     predicted: torch.Tensor, annotated: torch.Tensor, normaliser: torch.Tensor
 ) -> torch.Tensor:
@@ -71,15 +84,20 @@ def landmark_regression(
     test_discovered: torch.Tensor,
     test_annotated: torch.Tensor,
     *,
-    eye_left: tuple[int, ...],
-    eye_right: tuple[int, ...],
+    eye_left: tuple[int, ...] | None = None,
+    eye_right: tuple[int, ...] | None = None,
     bias: bool = False,
     ridge: float = 0.0,
 ) -> RegressionReport:
-    """The whole protocol on pixel coordinates: discovered (N, K, 2), annotated (N, L, 2)."""
+    """The whole protocol on pixel coordinates: discovered (N, K, 2), annotated (N, L, 2).
+    Errors are normalised by the inter-ocular distance given the eye indices, else by the
+    bounding-box diagonal."""
     forward = fit_linear_map(train_discovered, train_annotated, bias=bias, ridge=ridge)
     predicted = apply_linear_map(forward, test_discovered, bias)
-    normaliser = inter_ocular_distance(test_annotated, eye_left, eye_right)
+    if eye_left is not None and eye_right is not None:
+        normaliser = inter_ocular_distance(test_annotated, eye_left, eye_right)
+    else:
+        normaliser = bounding_box_diagonal(test_annotated)
     errors = normalised_errors(predicted, test_annotated, normaliser)
 
     backward = fit_linear_map(train_annotated, train_discovered, bias=bias, ridge=ridge)
@@ -93,9 +111,22 @@ def landmark_regression(
         reverse_error=reverse.mean().item(),
         baseline_error=baseline.mean().item(),
         per_landmark=errors.mean(dim=0).tolist(),
+        predicted=predicted,
     )
+
+
+def to_pixels(points: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Normalised [-1, 1] coordinates (the models' and loaders') -> pixels of the image."""
+    return (points.float() + 1) * image_size / 2
 
 
 def _design(points: torch.Tensor, bias: bool) -> torch.Tensor:
     x = points.flatten(1)
     return torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if bias else x
+
+
+if __name__ == "__main__":
+    # `python -m ulm_dist.evaluate`: the command line lives beside the protocol, not in it.
+    from ulm_dist.evaluation_cli import main
+
+    sys.exit(main())

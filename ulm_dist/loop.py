@@ -3,15 +3,18 @@
 Each worker builds the learner and its DeepSpeed engine (`engine.py`), streams its share of
 the shards and trains to `train.steps`. Every `train.log_every` steps it reports run-wide
 metrics with `ray.train.report`; every `train.checkpoint_every` steps, and at the last step,
-it reports a checkpoint too. It starts from `ray.train.get_checkpoint()` when Ray has one
-(a restart after a worker failure, or a rerun of the same run), else from `train.resume` if
-that names a checkpoint.
+it reports a checkpoint too. With `data.val`, every `train.eval_every` steps (and at the last
+step) it adds the `val/` landmark-regression metrics to that step's report and, on checkpoint
+steps, the pictures to the checkpoint (`validation.py`). It starts from
+`ray.train.get_checkpoint()` when Ray has one (a restart after a worker failure, or a rerun of
+the same run), else from `train.resume` if that names a checkpoint.
 
 A checkpoint holds the engine's state (weights, optimizer and LR schedule, sharded as the
-engine shards them), each worker's RNG states, and `train_state.json` (step, samples seen,
-skipped samples, the resolved config). The data stream restarts at every checkpoint, seeded
-with `train.seed + step`, so the step is also the stream position: a resumed run sees exactly
-the batches an uninterrupted run sees, without replaying what came before.
+engine shards them), each worker's RNG states, `train_state.json` (step, samples seen,
+skipped samples, the resolved config) and, when the step was evaluated, the val pictures.
+The data stream restarts at every checkpoint, seeded with `train.seed + step`, so the step is
+also the stream position: a resumed run sees exactly the batches an uninterrupted run sees,
+without replaying what came before.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ulm_dist.engine import (
 from ulm_dist.models import build_learner
 from ulm_dist.store import CheckpointStore, open_filesystem
 from ulm_dist.trained import TRAIN_STATE_NAME
+from ulm_dist.validation import SHEET_FILES, load_validation_set, validate
 
 RNG_FOLDER = "rng"
 RESUME_KEYWORDS = ("auto", "never")
@@ -68,6 +72,14 @@ def train_func(config: dict[str, Any]) -> None:
     seed_everything(train.seed)
     learner = build_learner(cfg.model, cfg.loss)
     engine = build_engine(learner, deepspeed_config(train, world_size, config["precision"]))
+    validation = None
+    if config["val_shards"] is not None:
+        # Loaded before the per-worker seeding below: starting a DataLoader draws from the
+        # global RNG, and here that draw cannot change what training sees after a resume.
+        validation = load_validation_set(
+            cfg.data, config["val_shards"], cfg.model.image_size, train.eval_samples
+        )
+    eval_every = train.eval_every or train.checkpoint_every
     # From here on each worker draws its own random numbers.
     seed_everything(train.seed + 1 + rank)
     state = TrainState()
@@ -111,14 +123,21 @@ def train_func(config: dict[str, Any]) -> None:
         state.step += 1
         state.samples_seen += train.batch_size
 
-        checkpoint_due = state.step % train.checkpoint_every == 0 or state.step == train.steps
-        if checkpoint_due or state.step % train.log_every == 0:
+        last = state.step == train.steps
+        checkpoint_due = state.step % train.checkpoint_every == 0 or last
+        eval_due = validation is not None and (state.step % eval_every == 0 or last)
+        if checkpoint_due or eval_due or state.step % train.log_every == 0:
             metrics = meter.flush(world_size)
             state.skipped_total += metrics["data/skipped"]
             metrics["data/skipped_total"] = state.skipped_total
             metrics.update(step=state.step, samples_seen=state.samples_seen, lr=engine.get_lr()[0])
+            pictures = {}
+            if eval_due:
+                # Collective under ZeRO-3: every worker evaluates at the same steps.
+                scores, pictures = validate(engine.module, validation, engine.device, dtype)
+                metrics.update(scores)
             if checkpoint_due:
-                save_checkpoint(engine, state, cfg, store, metrics, rank, world_size)
+                save_checkpoint(engine, state, cfg, store, metrics, rank, world_size, pictures)
                 # Restart the stream at the step, as a resumed run would (see module doc).
                 batches = None
             else:
@@ -144,10 +163,11 @@ def save_checkpoint(
     metrics: dict[str, Any],
     rank: int,
     world_size: int,
+    pictures: dict[str, bytes],
 ) -> None:
     """Write this worker's part into a local temporary folder, then hand it to Ray, which
     uploads every worker's part into one folder of the store and registers it only once all
-    of them are there."""
+    of them are there. `pictures`: PNGs by TensorBoard tag, kept by rank 0 (`SHEET_FILES`)."""
     with tempfile.TemporaryDirectory(prefix="ulm_checkpoint_") as name:
         folder = Path(name)
         save_engine_state(engine, folder)
@@ -156,6 +176,8 @@ def save_checkpoint(
         if rank == 0:
             saved = {**asdict(state), "world_size": world_size, "config": cfg.to_dict()}
             (folder / TRAIN_STATE_NAME).write_text(json.dumps(saved, indent=1))
+            for tag, png in pictures.items():
+                (folder / SHEET_FILES[tag]).write_bytes(png)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),

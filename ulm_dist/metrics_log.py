@@ -3,18 +3,23 @@
 `MetricsLog` keeps `metrics.jsonl` (one JSON record per report) and TensorBoard event files
 in one folder. After a worker failure, or a rerun of a stopped run, training goes back to the
 last checkpoint and reports again steps that the abandoned attempt already reported. Reports
-come at a fixed set of steps (multiples of `train.log_every` and `train.checkpoint_every`,
-and the last step), so the first report after resuming is the first step of that set past
-the checkpoint, and everything the abandoned attempt logged past the checkpoint is at or
-after it. A record for a step at or before the last one kept therefore replaces the records
-from that step on: no step is counted twice, in the file or in TensorBoard.
+come at a fixed set of steps (multiples of `train.log_every`, of `train.checkpoint_every`,
+with `data.val` of `train.eval_every`, and the last step), so the first report after resuming
+is the first step of that set past the checkpoint, and everything the abandoned attempt
+logged past the checkpoint is at or after it. A record for a step at or before the last one
+kept therefore replaces the records from that step on: no step is counted twice, in the file
+or in TensorBoard.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_NAME = "tensorboard"
@@ -47,6 +52,12 @@ class MetricsLog:
                 self._writer.add_scalar(name, value, global_step=step)
         self._writer.flush()
         return rewound
+
+    def add_image(self, tag: str, png: bytes, step: int) -> None:
+        """A picture for TensorBoard; call after `append` of the same step's record."""
+        picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        self._writer.add_image(tag, picture, global_step=step, dataformats="HWC")
+        self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
@@ -81,6 +92,11 @@ def progress_line(record: dict[str, Any], total_steps: int) -> str:
         f"({record['throughput/pairs_per_s_per_worker']:.1f}/worker)",
         f"data wait {100 * record['time/data_wait_s'] / step_time:.0f}%",
     ]
+    if "val/landmark_error" in record:
+        parts.append(
+            f"val error {record['val/landmark_error']:.2f}% "
+            f"(mean shape {record['val/mean_shape_error']:.2f}%)"
+        )
     if record["data/skipped"]:
         parts.append(f"skipped {record['data/skipped']}")
     if "memory/gpu_peak_mb" in record:

@@ -9,8 +9,9 @@ cluster has no GPU, checkpoints in `runs/<run_name>`. Everything that can be che
 checked before any worker starts (config keys and values, storage, resume point, device and
 precision); then a `TorchTrainer` runs `loop.train_func` on every worker. A reporter running
 in Ray Train's controller marks checkpoints complete, writes the metrics and sends the
-progress lines that this driver prints. A rerun with the same run name continues from the
-run's latest checkpoint (`train.resume`).
+progress lines that this driver prints; checkpoints reported with `val/` metrics (see
+`validation.py`) carry them in their completion marker, for picking the best one. A rerun
+with the same run name continues from the run's latest checkpoint (`train.resume`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -39,6 +41,9 @@ from ulm_dist.engine import check_precision, resolve_precision
 from ulm_dist.loop import RESUME_KEYWORDS, train_func
 from ulm_dist.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
 from ulm_dist.store import CheckpointStore, StorageError
+from ulm_dist.validation import SHEET_FILES
+
+VAL_PREFIX = "val/"
 
 CONFIG_NAME = "config.yaml"
 
@@ -92,6 +97,7 @@ def train(
     use_gpu = choose_device(cfg, verbose)
     precision = choose_precision(cfg, use_gpu)
     shards = prepare_data(cfg)
+    val_shards = prepare_val_data(cfg)
 
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     store.write_text(CONFIG_NAME, config_text)
@@ -109,6 +115,7 @@ def train(
         train_loop_config={
             "config": cfg.to_dict(),
             "shards": shards,
+            "val_shards": val_shards,
             "precision": precision,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
@@ -129,6 +136,13 @@ def train(
         f"store {store.uri(store.run_path)}",
         flush=True,
     )
+    if val_shards is not None:
+        every = cfg.train.eval_every or cfg.train.checkpoint_every
+        print(
+            f"evaluating on {cfg.data.val_spec()} (val split, {cfg.train.eval_samples} images) "
+            f"every {every} steps: val/landmark_error",
+            flush=True,
+        )
     with printing_lines(lines):
         result = trainer.fit()
 
@@ -164,14 +178,27 @@ class RunReporter(UserCallback):
         record = metrics[0]  # every worker reports the same run-wide values
         line = progress_line(record, self.total_steps)
         if checkpoint is not None:
-            self.store.mark_complete(checkpoint.path, record["step"], world_size=len(metrics))
+            scores = {name: value for name, value in record.items() if name.startswith(VAL_PREFIX)}
+            self.store.mark_complete(
+                checkpoint.path, record["step"], world_size=len(metrics), metrics=scores
+            )
             line += f" | saved {Path(checkpoint.path).name}"
         if self.metrics_log.append(record):
             self.lines.put(
                 f"resumed from the latest checkpoint: the reports from step {record['step']} "
                 "on replace those of the failed attempt"
             )
+        if checkpoint is not None:
+            self.log_pictures(checkpoint, record["step"])
         self.lines.put(line)
+
+    def log_pictures(self, checkpoint: ray.train.Checkpoint, step: int) -> None:
+        """The val pictures a worker put into the checkpoint, into TensorBoard."""
+        for tag, name in SHEET_FILES.items():
+            path = f"{checkpoint.path}/{name}"
+            if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.File:
+                with checkpoint.filesystem.open_input_stream(path) as stream:
+                    self.metrics_log.add_image(tag, stream.read(), step)
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in sorted(worker_exceptions.items()):
@@ -273,6 +300,24 @@ def _gpu_supports_bf16() -> bool:
 def prepare_data(cfg: Config) -> ShardSet:
     """The train shards; the synthetic set is generated into the cache on first use."""
     return resolve_shards(cfg.data, cfg.data.train, "train", image_size=cfg.model.image_size)
+
+
+def prepare_val_data(cfg: Config) -> ShardSet | None:
+    """The annotated shards of periodic evaluation (`data.val`), or None without them."""
+    spec = cfg.data.val_spec()
+    if spec is None:
+        return None
+    try:
+        shards = resolve_shards(cfg.data, spec, "val", image_size=cfg.model.image_size)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"data.val: {error}") from error
+    if shards.summary is not None and shards.summary.num_landmarks == 0:
+        raise ConfigError(
+            f"data.val: {spec} has no landmarks ({shards.summary.source}); periodic evaluation "
+            "needs annotated shards (python -m ulm_dist.data build --landmarks ...), or set "
+            "data.val=null"
+        )
+    return shards
 
 
 if __name__ == "__main__":

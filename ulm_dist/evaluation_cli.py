@@ -1,0 +1,300 @@
+"""`python -m ulm_dist.evaluate`: the landmark-regression protocol (evaluate.py) on a trained
+checkpoint and an annotated data set.
+
+    python -m ulm_dist.evaluate runs/demo/checkpoint_00000300 --data synthetic
+    python -m ulm_dist.evaluate s3://bucket/runs/faces/checkpoint_00050000 \\
+        --data s3://bucket/datasets/faces-128 --out results/faces
+
+The frozen detector runs over the fit split (default `train`) and the test split (default
+`test`) of the data set, streamed from local disk or S3 and resized to the model's image
+size; the linear map is fit on the first and scored on the second. The table goes to the
+terminal; into --out go `summary.json` (everything), `summary.parquet` (one row),
+`landmarks.parquet` (one row per annotated landmark), and the pictures
+`regression_sheet.png` and `cycle_sheet.png` of the first test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import posixpath
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from ulm_dist.config import DataConfig
+from ulm_dist.data import S3AccessError, ShardSet, make_annotated_loader, resolve_shards
+from ulm_dist.evaluate import NORMALISERS, RegressionReport, landmark_regression, to_pixels
+from ulm_dist.report import cycle_sheet, regression_sheet
+from ulm_dist.store import S3_SCHEME, StorageError
+from ulm_dist.trained import TrainedModel, load_trained
+
+SHOWN_IMAGES = 8
+
+
+class EvaluationError(RuntimeError):
+    """Input the evaluation cannot use; the message says what to give instead."""
+
+
+@dataclass
+class Detections:
+    """The detector's points and the annotations of one split, in pixels of the model's size."""
+
+    discovered: torch.Tensor  # (N, K, 2)
+    annotated: torch.Tensor  # (N, L, 2)
+    shown: torch.Tensor  # the first SHOWN_IMAGES images (B, 3, S, S), for the pictures
+    skipped: int  # corrupt samples the loader skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        evaluate_checkpoint(args)
+    except (EvaluationError, StorageError, FileNotFoundError, S3AccessError) as error:
+        print(f"ulm_dist.evaluate: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ulm_dist.evaluate",
+        description="Landmark-regression error of a trained checkpoint on annotated shards.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint folder, local or s3://...")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="annotated shards: a data set root holding the split folders, or s3://..., or "
+        "'synthetic' (the set the checkpoint's config generates)",
+    )
+    parser.add_argument("--fit-split", default="train", help="split the regressor is fit on")
+    parser.add_argument("--test-split", default="test", help="split the error is reported on")
+    parser.add_argument(
+        "--normaliser",
+        choices=NORMALISERS,
+        help="what errors are divided by (default: inter-ocular when the shards' landmark "
+        "layout names the eyes, else the bounding-box diagonal)",
+    )
+    parser.add_argument("--ridge", type=float, default=0.0, help="ridge penalty of the fit")
+    parser.add_argument("--bias", action="store_true", help="give the linear map an intercept")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per detector pass"
+    )
+    parser.add_argument("--max-images", type=positive_int, help="use at most this many per split")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: <run folder>/evaluation/<checkpoint> for a local "
+        "checkpoint, ./evaluation/<run>/<checkpoint> for one on S3)",
+    )
+    parser.add_argument(
+        "--s3-endpoint-url", help="S3-compatible endpoint for the checkpoint and the data"
+    )
+    return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> Path:
+    """The whole command: returns the results folder."""
+    trained = load_trained(args.checkpoint, args.s3_endpoint_url)
+    size = trained.config.model.image_size
+    data = dataclasses.replace(trained.config.data, s3_endpoint_url=args.s3_endpoint_url)
+    fit_shards = resolve_split(data, args.data, args.fit_split, size)
+    test_shards = resolve_split(data, args.data, args.test_split, size)
+    if fit_shards.urls == test_shards.urls:
+        raise EvaluationError(
+            f"--data {args.data}: the {args.fit_split} and {args.test_split} splits are the same "
+            "shards; give the data set root that holds both split folders"
+        )
+    eyes = choose_eyes(test_shards, args.normaliser)
+    source_size = test_shards.summary.image_size if test_shards.summary else size
+    if source_size != size:
+        print(f"note: {source_size}px images are resized to {size}px, the model's image size")
+
+    fit = detect(trained, data, fit_shards, args.fit_split, args.batch_size, args.max_images)
+    test = detect(trained, data, test_shards, args.test_split, args.batch_size, args.max_images)
+    if fit.annotated.shape[1] != test.annotated.shape[1]:
+        raise EvaluationError(
+            f"--data {args.data}: the {args.fit_split} split has {fit.annotated.shape[1]} "
+            f"landmarks per image, the {args.test_split} split {test.annotated.shape[1]}"
+        )
+    report = landmark_regression(
+        fit.discovered,
+        fit.annotated,
+        test.discovered,
+        test.annotated,
+        eye_left=eyes[0] if eyes else None,
+        eye_right=eyes[1] if eyes else None,
+        bias=args.bias,
+        ridge=args.ridge,
+    )
+    summary = {
+        "checkpoint": trained.uri,
+        "step": trained.step,
+        "data": args.data,
+        "fit_split": args.fit_split,
+        "test_split": args.test_split,
+        "normaliser": "inter-ocular" if eyes else "bbox-diagonal",
+        "bias": args.bias,
+        "ridge": args.ridge,
+        "image_size": size,
+        "discovered_landmarks": fit.discovered.shape[1],
+        "annotated_landmarks": fit.annotated.shape[1],
+        "fit_images": len(fit.discovered),
+        "test_images": len(test.discovered),
+        "fit_skipped": fit.skipped,
+        "test_skipped": test.skipped,
+        **report.as_metrics(),
+    }
+    names = landmark_names(test_shards, len(report.per_landmark))
+    per_landmark = [
+        {"landmark": index, "name": name, "error": error}
+        for index, (name, error) in enumerate(zip(names, report.per_landmark, strict=True))
+    ]
+    out = args.out or default_out(args.checkpoint)
+    write_results(out, summary, per_landmark)
+    write_pictures(out, trained, test, report)
+    print(results_table(summary, per_landmark))
+    print(f"results: {out}")
+    return out
+
+
+def resolve_split(data: DataConfig, spec: str, split: str, image_size: int) -> ShardSet:
+    """The annotated shards of one split, or an EvaluationError saying what is missing."""
+    try:
+        shards = resolve_shards(data, spec, split, image_size=image_size)
+    except ValueError as error:  # a manifest this version cannot read
+        raise EvaluationError(str(error)) from error
+    if shards.summary is not None and shards.summary.num_landmarks == 0:
+        raise EvaluationError(
+            f"--data {spec}: the {split} split has no landmarks ({shards.summary.source}); "
+            "evaluation needs annotated shards (python -m ulm_dist.data build --landmarks ...)"
+        )
+    return shards
+
+
+def choose_eyes(
+    shards: ShardSet, normaliser: str | None
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The eye indices for the inter-ocular distance, or None for the bbox diagonal."""
+    layout = shards.summary.layout if shards.summary else None
+    if normaliser == "bbox-diagonal" or (normaliser is None and layout is None):
+        return None
+    if layout is None:
+        raise EvaluationError(
+            "--normaliser inter-ocular: the shards' manifest has no landmark layout naming the "
+            "eyes; use --normaliser bbox-diagonal, or rebuild the shards with --layout"
+        )
+    return layout.eye_left, layout.eye_right
+
+
+def detect(
+    trained: TrainedModel,
+    data: DataConfig,
+    shards: ShardSet,
+    split: str,
+    batch_size: int,
+    max_images: int | None,
+) -> Detections:
+    size = trained.config.model.image_size
+    total = shards.total_samples
+    if max_images is not None:
+        total = min(total or max_images, max_images)
+    discovered, annotated, shown = [], [], []
+    count = skipped = 0
+    bar = tqdm(total=total, unit="img", desc=f"detecting {split}")
+    with bar, torch.no_grad():
+        for batch in make_annotated_loader(data, shards, size, batch_size):
+            keep = len(batch["image"]) if max_images is None else max_images - count
+            images = batch["image"][:keep]
+            skipped += int(batch["skipped"])
+            discovered.append(to_pixels(trained.learner.landmarks(images), size))
+            annotated.append(to_pixels(batch["landmarks"][:keep], size))
+            shown.append(images[: max(0, SHOWN_IMAGES - count)])
+            count += len(images)
+            bar.update(len(images))
+            if count == max_images:
+                break
+    if count == 0:
+        raise EvaluationError(
+            f"the {split} split yielded no readable images ({skipped} corrupt samples skipped)"
+        )
+    return Detections(torch.cat(discovered), torch.cat(annotated), torch.cat(shown), skipped)
+
+
+def landmark_names(shards: ShardSet, count: int) -> list[str]:
+    names = list(shards.summary.landmark_names) if shards.summary else []
+    return names if len(names) == count else [f"landmark {k}" for k in range(count)]
+
+
+def default_out(checkpoint: str) -> Path:
+    """Local checkpoints: beside them in their run folder; S3 ones: under the current folder."""
+    if checkpoint.startswith(S3_SCHEME):
+        run_folder, name = posixpath.split(checkpoint.removeprefix(S3_SCHEME).rstrip("/"))
+        return Path("evaluation") / posixpath.basename(run_folder) / name
+    folder = Path(checkpoint).expanduser().resolve()
+    return folder.parent / "evaluation" / folder.name
+
+
+def write_results(out: Path, summary: dict[str, Any], per_landmark: list[dict[str, Any]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(
+        json.dumps({**summary, "per_landmark": per_landmark}, indent=1) + "\n"
+    )
+    pq.write_table(pa.Table.from_pylist([summary]), out / "summary.parquet")
+    pq.write_table(pa.Table.from_pylist(per_landmark), out / "landmarks.parquet")
+
+
+def write_pictures(
+    out: Path, trained: TrainedModel, test: Detections, report: RegressionReport
+) -> None:
+    shown = len(test.shown)
+    regression_sheet(
+        test.shown, test.discovered[:shown], report.predicted[:shown], test.annotated[:shown]
+    ).save(out / "regression_sheet.png")
+    # Pairs of different test images where there are two; an image with itself otherwise.
+    half = max(1, shown // 2)
+    cycle_sheet(trained.learner.model, test.shown[:half], test.shown[-half:]).save(
+        out / "cycle_sheet.png"
+    )
+
+
+def results_table(summary: dict[str, Any], per_landmark: list[dict[str, Any]]) -> str:
+    normaliser = {"inter-ocular": "inter-ocular distance", "bbox-diagonal": "bounding-box diagonal"}
+    lines = [
+        f"checkpoint  {summary['checkpoint']} (step {summary['step']}, "
+        f"{summary['discovered_landmarks']} landmarks)",
+        f"data        {summary['data']}: fit on {summary['fit_split']} "
+        f"({summary['fit_images']} images, {summary['fit_skipped']} skipped), test on "
+        f"{summary['test_split']} ({summary['test_images']} images, "
+        f"{summary['test_skipped']} skipped)",
+        f"linear map  {'with' if summary['bias'] else 'without'} intercept, "
+        f"ridge {summary['ridge']:g}",
+        "",
+        f"error, % of the {normaliser[summary['normaliser']]}",
+        f"  discovered -> annotated  {summary['landmark_error']:8.2f}",
+        f"  annotated -> discovered  {summary['landmark_error_reverse']:8.2f}",
+        f"  mean-shape baseline      {summary['mean_shape_error']:8.2f}",
+        "",
+        "per annotated landmark",
+    ]
+    width = max(len(row["name"]) for row in per_landmark)
+    lines += [
+        f"  {row['landmark']:>3}  {row['name']:<{width}}  {row['error']:8.2f}"
+        for row in per_landmark
+    ]
+    return "\n".join(lines)

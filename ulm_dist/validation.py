@@ -1,0 +1,114 @@
+"""Periodic evaluation during training: the landmark-regression error (evaluate.py) of the
+detector as it trains, on `data.val`, reported with the training metrics as `val/...` so that
+Ray Tune can optimise `val/landmark_error` and the exporter can pick the best checkpoint.
+
+Each worker loads the same first `train.eval_samples` val images once, and every worker runs
+the detector over all of them: under ZeRO-3 a forward pass gathers each layer's weights from
+every rank, so all ranks must run the same passes, and repeating a few hundred small images
+on each is simpler than splitting them and gathering the results. The regressor is fit on the
+first half and scored on the second, both from the val split: choosing checkpoints or
+hyperparameters by this number then never looks at the test split that
+`python -m ulm_dist.evaluate` reports on.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ulm_dist.config import DataConfig
+from ulm_dist.data import ShardSet, make_annotated_loader
+from ulm_dist.evaluate import landmark_regression, to_pixels
+from ulm_dist.report import cycle_sheet, regression_sheet
+
+# TensorBoard tag -> file name in the checkpoint folder (see `train.RunReporter`).
+SHEET_FILES = {
+    "val/regression_sheet": "val_regression_sheet.png",
+    "val/cycle_sheet": "val_cycle_sheet.png",
+}
+SHOWN_IMAGES = 8
+# Loader batch while loading, and detector batch while evaluating.
+BATCH_SIZE = 64
+
+
+@dataclass
+class ValidationSet:
+    images: torch.Tensor  # (N, 3, S, S) in [0, 1], on the CPU
+    annotated: torch.Tensor  # (N, L, 2) pixels
+    eyes: tuple[tuple[int, ...], tuple[int, ...]] | None  # for the inter-ocular distance
+
+
+def load_validation_set(
+    data: DataConfig, shards: ShardSet, image_size: int, samples: int
+) -> ValidationSet:
+    """The first `samples` annotated images of `shards`, in manifest order (the same on
+    every worker)."""
+    images, annotated = [], []
+    for batch in make_annotated_loader(data, shards, image_size, min(BATCH_SIZE, samples)):
+        images.append(batch["image"])
+        annotated.append(to_pixels(batch["landmarks"], image_size))
+        if sum(len(chunk) for chunk in images) >= samples:
+            break
+    count = sum(len(chunk) for chunk in images)
+    if count < 2:
+        raise ValueError(
+            f"data.val: {count} annotated images could be read, at least 2 are needed (one to "
+            "fit the regressor, one to score it); point data.val at a larger annotated split"
+        )
+    layout = shards.summary.layout if shards.summary else None
+    return ValidationSet(
+        images=torch.cat(images)[:samples],
+        annotated=torch.cat(annotated)[:samples],
+        eyes=(layout.eye_left, layout.eye_right) if layout else None,
+    )
+
+
+def validate(
+    learner: nn.Module, val: ValidationSet, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, float], dict[str, bytes]]:
+    """The `val/` metrics and the pictures (PNG bytes by TensorBoard tag) of `learner` (a
+    `CycleLearner`) now. Every worker must call it at the same step (see the module doc)."""
+    size = val.images.shape[-1]
+    fit = len(val.images) // 2
+    shown = val.images[fit : fit + SHOWN_IMAGES]
+    half = max(1, len(shown) // 2)
+    was_training = learner.training
+    learner.eval()
+    with torch.no_grad():
+        discovered = torch.cat(
+            [
+                to_pixels(learner.landmarks(chunk.to(device, dtype)).cpu(), size)
+                for chunk in val.images.split(BATCH_SIZE)
+            ]
+        )
+        cycle = cycle_sheet(
+            learner.model, shown[:half].to(device, dtype), shown[-half:].to(device, dtype)
+        )
+    learner.train(was_training)
+    eye_left, eye_right = val.eyes or (None, None)
+    report = landmark_regression(
+        discovered[:fit],
+        val.annotated[:fit],
+        discovered[fit:],
+        val.annotated[fit:],
+        eye_left=eye_left,
+        eye_right=eye_right,
+    )
+    regression = regression_sheet(
+        shown,
+        discovered[fit : fit + len(shown)],
+        report.predicted[: len(shown)],
+        val.annotated[fit : fit + len(shown)],
+    )
+    pictures = {"val/regression_sheet": regression, "val/cycle_sheet": cycle}
+    return report.as_metrics("val/"), {tag: png_bytes(image) for tag, image in pictures.items()}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
