@@ -1,0 +1,206 @@
+"""Run an exported detector on image files: a landmarks table and overlay pictures.
+
+    python -m ulm_dist.predict ARTIFACT IMAGES... --out DIR [--batch-size N]
+                               [--device cpu|cuda|auto] [--format csv|parquet]
+
+IMAGES are files or folders (searched recursively for jpg, png, bmp, webp and tiff). Each
+image is converted to RGB and, as in evaluation, its largest centred square is resized to the
+detector's S x S (bilinear); the landmarks are mapped back to the original image. Writes
+`DIR/landmarks.csv` (or `.parquet`), one row per image and landmark: `image`, `kind`
+(`discovered`, or `regressed` for the annotated landmarks when the artifact has a regressor),
+`landmark`, and `x`, `y` in pixels of the original image (continuous, pixel i's centre at
+i + 0.5); and `DIR/overlays/<n>_<name>.png`, the n-th image with its landmarks as dots
+(regressed ones as crosses).
+
+An image that cannot be read is named in a warning, counted and skipped; the others are still
+processed. Exit status: 0 if at least one image got landmarks, 1 if none did (nothing found or
+nothing readable), 2 for unusable arguments (no such path, not an artifact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ulm_dist.artifact import ArtifactError, Detector, load_detector
+from ulm_dist.data.augment import crop_box, square_view
+from ulm_dist.data.image_folder import IMAGE_SUFFIXES
+from ulm_dist.report import draw_points, landmark_colours
+
+# Beyond what the shard builder takes: prediction also meets other common camera/scan formats.
+PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".bmp", ".webp", ".tif", ".tiff"}
+TABLE_NAME = "landmarks"
+OVERLAY_FOLDER = "overlays"
+# Overlays of small images are upscaled to at least this many pixels a side, so the dots
+# do not cover the object.
+OVERLAY_MIN_SIDE = 256
+
+
+class PredictError(RuntimeError):
+    """Arguments that cannot be used; says what was expected."""
+
+
+@dataclass
+class SquareImage:
+    """An image as read, and the centred square the detector sees (left, top, side)."""
+
+    index: int  # position among all inputs: names the overlay
+    path: Path
+    picture: Image.Image
+    pixels: torch.Tensor  # (3, S, S) in [0, 1]
+    box: tuple[float, float, float]
+
+    def to_original(self, points: np.ndarray, size: int) -> np.ndarray:
+        """Pixel coordinates of the S x S square -> of the original image."""
+        left, top, side = self.box
+        return points * (side / size) + np.float32([left, top])
+
+
+@dataclass
+class Predictions:
+    columns: dict[str, list] = field(
+        default_factory=lambda: {"image": [], "kind": [], "landmark": [], "x": [], "y": []}
+    )
+    succeeded: int = 0
+    failed: int = 0
+
+    def add(self, path: Path, kind: str, points: np.ndarray) -> None:
+        for landmark, (x, y) in enumerate(points.tolist()):
+            for name, value in zip(self.columns, (str(path), kind, landmark, x, y), strict=True):
+                self.columns[name].append(value)
+
+    def write(self, folder: Path, table_format: str) -> Path:
+        table = pa.table(self.columns)
+        path = folder / f"{TABLE_NAME}.{table_format}"
+        if table_format == "csv":
+            pyarrow.csv.write_csv(table, path)
+        else:
+            pyarrow.parquet.write_table(table, path)
+        return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        detector = load_detector(args.artifact, device)
+        paths = find_images(args.images)
+    except (ArtifactError, PredictError) as error:
+        print(f"ulm_dist.predict: error: {error}", file=sys.stderr)
+        return 2
+    predictions = predict(detector, paths, args.out, args.batch_size)
+    table = predictions.write(args.out, args.format)
+    print(
+        f"{predictions.succeeded} images, {predictions.failed} failed: landmarks in {table}, "
+        f"overlays in {args.out / OVERLAY_FOLDER}"
+    )
+    return 0 if predictions.succeeded else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ulm_dist.predict",
+        description="Landmarks of image files with a detector from `python -m ulm_dist.export`.",
+        epilog="Exit status: 0 if any image got landmarks, 1 if none did, 2 for bad arguments.",
+    )
+    parser.add_argument("artifact", type=Path, help="the folder ulm_dist.export wrote")
+    parser.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    parser.add_argument("--out", required=True, type=Path, help="folder for table and overlays")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: expected at least 1, got {args.batch_size}")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda: PyTorch sees no GPU here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def find_images(paths: list[Path]) -> list[Path]:
+    """Files as given, and the image files below folders, in sorted order per folder."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in PREDICT_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise PredictError(f"{path}: no such file or folder")
+    return found
+
+
+def predict(detector: Detector, paths: list[Path], out: Path, batch_size: int) -> Predictions:
+    """Landmarks of every readable image in `paths`; overlays go to `out/overlays`."""
+    (out / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)
+    predictions = Predictions()
+    batch: list[SquareImage] = []
+    with tqdm(total=len(paths), unit="img", disable=len(paths) <= batch_size) as progress:
+        for index, path in enumerate(paths):
+            try:
+                batch.append(read_square(index, path, detector.image_size))
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                progress.write(f"warning: {path}: cannot read the image ({error}); skipped")
+                predictions.failed += 1
+            progress.update()
+            if len(batch) == batch_size or (batch and index == len(paths) - 1):
+                run_batch(detector, batch, predictions, out / OVERLAY_FOLDER)
+                batch = []
+    return predictions
+
+
+def read_square(index: int, path: Path, size: int) -> SquareImage:
+    with Image.open(path) as opened:
+        picture = opened.convert("RGB")
+    box = crop_box(picture.width, picture.height, 1.0, None)
+    view = square_view(picture, None, size, box)
+    return SquareImage(index, path, picture, torch.from_numpy(view.image), box)
+
+
+def run_batch(
+    detector: Detector, batch: list[SquareImage], predictions: Predictions, overlays: Path
+) -> None:
+    points = detector(torch.stack([image.pixels for image in batch]))
+    regressed = detector.regress(points)
+    for n, image in enumerate(batch):
+        found = image.to_original(points[n].cpu().numpy(), detector.image_size)
+        predictions.add(image.path, "discovered", found)
+        annotated = None
+        if regressed is not None:
+            annotated = image.to_original(regressed[n].cpu().numpy(), detector.image_size)
+            predictions.add(image.path, "regressed", annotated)
+        overlay(image, found, annotated).save(overlays / f"{image.index:05d}_{image.path.stem}.png")
+        predictions.succeeded += 1
+
+
+def overlay(image: SquareImage, found: np.ndarray, annotated: np.ndarray | None) -> Image.Image:
+    """Discovered landmarks as dots, regressed annotated ones as crosses, on the image."""
+    scale = max(1, math.ceil(OVERLAY_MIN_SIDE / max(image.picture.size)))
+    picture = draw_points(
+        np.asarray(image.picture), found, landmark_colours(len(found)), scale=scale
+    )
+    if annotated is None:
+        return picture
+    colours = landmark_colours(len(annotated))
+    return draw_points(np.asarray(picture), annotated * scale, colours, marker="cross")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
