@@ -93,9 +93,8 @@ class Predictions:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device = resolve_device(args.device)
-        detector = load_detector(args.artifact, device)
         paths = find_images(args.images)
+        detector = load_detector(args.artifact, resolve_device(args.device))
     except (ArtifactError, PredictError) as error:
         print(f"ulm_dist.predict: error: {error}", file=sys.stderr)
         return 2
