@@ -3,12 +3,14 @@
 import io
 
 import pytest
+import ray
 import torch
 from PIL import Image
 
 from ulm_dist.config import load_config
 from ulm_dist.data import resolve_shards
 from ulm_dist.models import build_learner
+from ulm_dist.train import main as train_main
 from ulm_dist.validation import SHEET_FILES, load_validation_set, validate
 
 
@@ -51,3 +53,17 @@ def test_auto_validation_follows_the_training_data():
     assert load_config(None, ["data.val=null"]).data.val_spec() is None
     explicit = load_config(None, ["data.train=s3://b/x", "data.val=s3://b/y"])
     assert explicit.data.val_spec() == "s3://b/y"
+
+
+def test_data_val_without_shards_is_refused_before_training(tmp_path, capsys, tiny_model_overrides):
+    argv = [
+        *tiny_model_overrides,
+        "train.device=cpu",
+        f"train.storage={tmp_path / 'runs'}",
+        f"train.log_dir={tmp_path / 'logs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.val={tmp_path / 'nothing'}",
+    ]
+    assert train_main(argv) == 2
+    assert not ray.is_initialized()
+    assert f"data.val: data spec '{tmp_path / 'nothing'}': expected" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ulm_dist.config import DataConfig
 from ulm_dist.data import S3AccessError, ShardSet, make_annotated_loader, resolve_shards
 from ulm_dist.evaluate import NORMALISERS, RegressionReport, landmark_regression, to_pixels
-from ulm_dist.report import cycle_sheet, regression_sheet
+from ulm_dist.report import evaluation_sheets
 from ulm_dist.store import S3_SCHEME, StorageError
 from ulm_dist.trained import TrainedModel, load_trained
 
@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="what errors are divided by (default: inter-ocular when the shards' landmark "
         "layout names the eyes, else the bounding-box diagonal)",
     )
-    parser.add_argument("--ridge", type=float, default=0.0, help="ridge penalty of the fit")
+    parser.add_argument(
+        "--ridge", type=non_negative_float, default=0.0, help="ridge penalty of the fit"
+    )
     parser.add_argument("--bias", action="store_true", help="give the linear map an intercept")
     parser.add_argument(
         "--batch-size", type=positive_int, default=64, help="images per detector pass"
@@ -105,6 +107,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
@@ -132,13 +141,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
             f"--data {args.data}: the {args.fit_split} split has {fit.annotated.shape[1]} "
             f"landmarks per image, the {args.test_split} split {test.annotated.shape[1]}"
         )
+    eye_left, eye_right = eyes or (None, None)
     report = landmark_regression(
         fit.discovered,
         fit.annotated,
         test.discovered,
         test.annotated,
-        eye_left=eyes[0] if eyes else None,
-        eye_right=eyes[1] if eyes else None,
+        eye_left=eye_left,
+        eye_right=eye_right,
         bias=args.bias,
         ridge=args.ridge,
     )
@@ -263,14 +273,15 @@ def write_pictures(
     out: Path, trained: TrainedModel, test: Detections, report: RegressionReport
 ) -> None:
     shown = len(test.shown)
-    regression_sheet(
-        test.shown, test.discovered[:shown], report.predicted[:shown], test.annotated[:shown]
-    ).save(out / "regression_sheet.png")
-    # Pairs of different test images where there are two; an image with itself otherwise.
-    half = max(1, shown // 2)
-    cycle_sheet(trained.learner.model, test.shown[:half], test.shown[-half:]).save(
-        out / "cycle_sheet.png"
+    pictures = evaluation_sheets(
+        trained.learner.model,
+        test.shown,
+        test.discovered[:shown],
+        report.predicted[:shown],
+        test.annotated[:shown],
     )
+    for name, image in pictures.items():
+        image.save(out / f"{name}.png")
 
 
 def results_table(summary: dict[str, Any], per_landmark: list[dict[str, Any]]) -> str:

@@ -117,3 +117,22 @@ def regression_sheet(
         both = draw_points(overlay, regressed[n].numpy() * scale, l_colours, scale=1)
         rows.append([found, both])
     return grid(rows, ["discovered", "regressed vs truth"])
+
+
+def evaluation_sheets(
+    model,
+    images: torch.Tensor,
+    discovered: torch.Tensor,
+    regressed: torch.Tensor,
+    annotated: torch.Tensor,
+) -> dict[str, Image.Image]:
+    """The pictures of an evaluation, by name: the regression sheet of `images` and the cycle
+    sheet of pairs of them (first half with second half; an image with itself if only one).
+
+    `images` (B, 3, S, S) in the model's device and dtype; points in pixels, on the CPU.
+    """
+    half = max(1, len(images) // 2)
+    return {
+        "regression_sheet": regression_sheet(images, discovered, regressed, annotated),
+        "cycle_sheet": cycle_sheet(model, images[:half], images[-half:]),
+    }

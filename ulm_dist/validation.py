@@ -23,13 +23,10 @@ from torch import nn
 from ulm_dist.config import DataConfig
 from ulm_dist.data import ShardSet, make_annotated_loader
 from ulm_dist.evaluate import landmark_regression, to_pixels
-from ulm_dist.report import cycle_sheet, regression_sheet
+from ulm_dist.report import evaluation_sheets
 
 # TensorBoard tag -> file name in the checkpoint folder (see `train.RunReporter`).
-SHEET_FILES = {
-    "val/regression_sheet": "val_regression_sheet.png",
-    "val/cycle_sheet": "val_cycle_sheet.png",
-}
+SHEET_FILES = {f"val/{name}": f"val_{name}.png" for name in ("regression_sheet", "cycle_sheet")}
 SHOWN_IMAGES = 8
 # Loader batch while loading, and detector batch while evaluating.
 BATCH_SIZE = 64
@@ -74,8 +71,7 @@ def validate(
     `CycleLearner`) now. Every worker must call it at the same step (see the module doc)."""
     size = val.images.shape[-1]
     fit = len(val.images) // 2
-    shown = val.images[fit : fit + SHOWN_IMAGES]
-    half = max(1, len(shown) // 2)
+    shown = slice(fit, fit + SHOWN_IMAGES)
     was_training = learner.training
     learner.eval()
     with torch.no_grad():
@@ -85,27 +81,26 @@ def validate(
                 for chunk in val.images.split(BATCH_SIZE)
             ]
         )
-        cycle = cycle_sheet(
-            learner.model, shown[:half].to(device, dtype), shown[-half:].to(device, dtype)
+        eye_left, eye_right = val.eyes or (None, None)
+        report = landmark_regression(
+            discovered[:fit],
+            val.annotated[:fit],
+            discovered[fit:],
+            val.annotated[fit:],
+            eye_left=eye_left,
+            eye_right=eye_right,
+        )
+        pictures = evaluation_sheets(
+            learner.model,
+            val.images[shown].to(device, dtype),
+            discovered[shown],
+            report.predicted[:SHOWN_IMAGES],
+            val.annotated[shown],
         )
     learner.train(was_training)
-    eye_left, eye_right = val.eyes or (None, None)
-    report = landmark_regression(
-        discovered[:fit],
-        val.annotated[:fit],
-        discovered[fit:],
-        val.annotated[fit:],
-        eye_left=eye_left,
-        eye_right=eye_right,
-    )
-    regression = regression_sheet(
-        shown,
-        discovered[fit : fit + len(shown)],
-        report.predicted[: len(shown)],
-        val.annotated[fit : fit + len(shown)],
-    )
-    pictures = {"val/regression_sheet": regression, "val/cycle_sheet": cycle}
-    return report.as_metrics("val/"), {tag: png_bytes(image) for tag, image in pictures.items()}
+    return report.as_metrics("val/"), {
+        f"val/{name}": png_bytes(image) for name, image in pictures.items()
+    }
 
 
 def png_bytes(image: Image.Image) -> bytes:
