@@ -3,8 +3,8 @@ ZeRO-2, so the weights are gathered from shards), exported, and loaded back as a
 
 import json
 import logging
-import shutil
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_overrides):
-    """A finished 4-step run with checkpoints at steps 2 and 4, each validated (on the
+    """A finished 2-step run with checkpoints at steps 1 and 2, each validated (on the
     synthetic val split); returns its store."""
     root = tmp_path_factory.mktemp("export")
     ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
@@ -41,10 +41,10 @@ def run(tmp_path_factory, tiny_model_overrides):
                 "train.run_name=tiny",
                 "train.num_workers=2",
                 "train.zero_stage=2",
-                "train.steps=4",
+                "train.steps=2",
                 "train.warmup_steps=1",
-                "train.log_every=2",
-                "train.checkpoint_every=2",
+                "train.log_every=1",
+                "train.checkpoint_every=1",
                 "train.eval_samples=32",
             ],
         )
@@ -84,10 +84,17 @@ def test_the_exported_detector_gives_the_best_checkpoints_landmarks(run, tmp_pat
     assert f"step {best}" in readme and "| val/landmark_error |" in readme
 
 
-def test_best_is_the_lowest_validation_error_and_a_regressor_travels_along(run, tmp_path, capsys):
-    # A copy of the run whose markers say that the older checkpoint scored better.
-    copy = CheckpointStore(str(tmp_path / "runs"), "scored")
-    shutil.copytree(run.run_path, copy.run_path)
+def test_best_is_the_lowest_validation_error_and_a_regressor_travels_along(
+    run, s3_server, s3_bucket, tmp_path, capsys
+):
+    # A copy of the run in S3 whose markers say that the older checkpoint scored better.
+    copy = CheckpointStore(f"{s3_bucket}/runs", "scored", s3_server)
+    pafs.copy_files(
+        run.run_path,
+        copy.run_path,
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=copy.filesystem,
+    )
     for checkpoint, error in zip(copy.checkpoints(), (3.5, 7.0), strict=True):
         copy.mark_complete(checkpoint.path, checkpoint.step, metrics={"val/landmark_error": error})
     regressor_file = tmp_path / "regressor.json"
@@ -95,10 +102,13 @@ def test_best_is_the_lowest_validation_error_and_a_regressor_travels_along(run, 
     regressor_file.write_text(json.dumps({"weights": weights.tolist(), "layout": "three"}))
 
     out = tmp_path / "best"
-    assert main([copy.run_path, "--out", str(out), "--regressor", str(regressor_file)]) == 0
+    source = copy.uri(copy.run_path)
+    args = ["--regressor", str(regressor_file), "--s3-endpoint-url", s3_server]
+    assert main([source, "--out", str(out), *args]) == 0
     assert "best: lowest val/landmark_error = 3.5" in capsys.readouterr().out
     metadata = json.loads((out / artifact.METADATA_NAME).read_text())
-    assert metadata["step"] == 2 and metadata["metrics"] == {"val/landmark_error": 3.5}
+    assert metadata["step"] == 1 and metadata["metrics"] == {"val/landmark_error": 3.5}
+    assert metadata["source"] == f"{source}/checkpoint_00000001"
     assert (metadata["layout"], metadata["num_annotated"]) == ("three", 3)
     assert "| val/landmark_error | 3.5 |" in (out / artifact.README_NAME).read_text()
 
@@ -138,7 +148,7 @@ def test_clear_errors_for_what_cannot_be_exported(run, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
     assert main([run.run_path, *out, "--checkpoint", "123"]) == 2
-    assert "no complete checkpoint at that step; it has steps [2, 4]" in capsys.readouterr().err
+    assert "no complete checkpoint at that step; it has steps [1, 2]" in capsys.readouterr().err
     assert main([run.run_path, *out, "--checkpoint", "first"]) == 2
     assert "expected best, latest or a step number" in capsys.readouterr().err
 
@@ -146,6 +156,9 @@ def test_clear_errors_for_what_cannot_be_exported(run, tmp_path, capsys):
     wrong.write_text(json.dumps({"weights": [[0.0] * 6] * 5}))
     assert main([run.run_path, *out, "--regressor", str(wrong)]) == 2
     assert "do not map this model's 4 landmarks" in capsys.readouterr().err
+    wrong.write_text("{'weights': ")
+    assert main([run.run_path, *out, "--regressor", str(wrong)]) == 2
+    assert "cannot read it" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
     (tmp_path / "taken").mkdir()

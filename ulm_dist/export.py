@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import shutil
 import sys
 import tempfile
@@ -155,10 +156,15 @@ def read_regressor(path: Path | None, num_landmarks: int) -> Regressor | None:
         return None
     if not path.is_file():
         raise ExportError(f"--regressor {path}: no such file")
-    if path.suffix.lower() == ".json":
-        raw = json.loads(path.read_text())
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(path.read_text())
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, RuntimeError, pickle.UnpicklingError) as error:
+        raise ExportError(
+            f"--regressor {path}: cannot read it ({error}); expected JSON or a torch.save'd dict"
+        ) from error
     if not isinstance(raw, dict):
         raise ExportError(f"--regressor {path}: expected a mapping with 'weights', got {raw!r:.80}")
     return Regressor.from_dict(raw, num_landmarks, str(path))
