@@ -75,6 +75,8 @@ def test_the_exported_detector_gives_the_best_checkpoints_landmarks(run, tmp_pat
     images = torch.rand(5, 3, 16, 16)  # a batch size the export did not see
     expected = to_pixels(trained.learner.landmarks(images), 16)
     torch.testing.assert_close(detector(images), expected, atol=1e-5 * 8, rtol=0)
+    # On another device nothing may stay on the CPU (the meta device stands in for a GPU).
+    assert load_detector(out, "meta")(images.to("meta")).device.type == "meta"
 
     config = config_from_dict(yaml.safe_load((out / artifact.CONFIG_NAME).read_text()))
     assert config == trained.config

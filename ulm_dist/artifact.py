@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.export.passes import move_to_device_pass
 
 from ulm_dist.evaluate import apply_linear_map
 from ulm_dist.models.landmarks import to_pixels
@@ -129,6 +128,9 @@ def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Det
     metadata = json.loads((folder / METADATA_NAME).read_text())
     program = torch.export.load(folder / DETECTOR_NAME)
     if device.type != "cpu":
+        # Imported here: PyTorch before 2.6 lacks it, and loading on the CPU needs none of it.
+        from torch.export.passes import move_to_device_pass
+
         program = move_to_device_pass(program, device)
     num_landmarks = metadata["num_landmarks"]
     regressor = None
