@@ -98,7 +98,10 @@ class VGG16Features(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1]. Returns {layer name: activations}."""
-        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        # The weights' dtype, not the buffers': DeepSpeed casts parameters to bf16/fp16 but
+        # keeps buffers in fp32.
+        dtype = self.features[0].weight.dtype
+        x = (images.to(dtype) - self.mean.to(dtype)) / self.std.to(dtype)
         taps = {}
         for index, module in enumerate(self.features):
             x = module(x)
