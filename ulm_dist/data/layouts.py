@@ -73,3 +73,14 @@ def flip_landmarks(points: np.ndarray, width: float, permutation: tuple[int, ...
     mirrored = points.copy()
     mirrored[:, 0] = width - points[:, 0]
     return mirrored[list(permutation)]
+
+
+# The MAFL 5-point protocol on 68-point annotations: the eye centres (means of the eye
+# contours), the nose tip and the mouth corners, in that order.
+MAFL5 = LandmarkLayout(eye_left=(0,), eye_right=(1,), flip_permutation=(1, 0, 2, 4, 3))
+_MAFL5_FROM_IBUG68 = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
+
+
+def ibug68_to_mafl5(points: np.ndarray) -> np.ndarray:
+    """(..., 68, 2) iBUG points -> (..., 5, 2) MAFL points (see MAFL5)."""
+    return np.stack([points[..., list(group), :].mean(axis=-2) for group in _MAFL5_FROM_IBUG68], -2)
