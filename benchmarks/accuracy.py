@@ -1,0 +1,191 @@
+"""Accuracy after a fixed budget: train a learner on an in-memory data set in a plain PyTorch
+loop, then run the landmark-regression protocol and print the error beside the mean-shape
+baseline. Not a test: it prints numbers (and writes JSON and PNG sheets to --out).
+
+    .venv/bin/python benchmarks/accuracy.py --data synthetic --steps 2000 [key=value ...]
+    .venv/bin/python benchmarks/accuracy.py --data faces68 --minutes 5 --device cuda \
+        model.preset=paper model.image_size=128
+
+It isolates the model from the distributed stack on purpose: the data sit in (device) memory
+as uint8 tensors and unpaired pairs are drawn at random, so the budget goes to the model and
+the numbers say what the model and its loss weights can learn, on any machine with torch.
+`--data faces68` reads ../shared/data/faces68-dev (or --faces), splits it by identity and
+scores the MAFL 5-point protocol; `synthetic` generates the built-in set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ulm_dist.config import load_config
+from ulm_dist.data import synthetic
+from ulm_dist.data.image_folder import folder_items, load_items, read_landmark_table, split_items
+from ulm_dist.data.layouts import MAFL5, LandmarkLayout, ibug68_to_mafl5
+from ulm_dist.evaluate import (
+    RegressionReport,
+    landmark_regression,
+)
+from ulm_dist.models import build_learner
+from ulm_dist.models.landmarks import to_pixels
+from ulm_dist.report import cycle_sheet, regression_sheet
+
+FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces68-dev"
+
+
+class Split:
+    """Images (N, S, S, 3) uint8 and annotated landmarks (N, L, 2) in pixels, on a device."""
+
+    def __init__(self, images: np.ndarray, landmarks: np.ndarray, device: torch.device):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self.landmarks = torch.from_numpy(landmarks.astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images[index].permute(0, 3, 1, 2).float() / 255
+
+
+def synthetic_splits(size: int, train: int, test: int, device: torch.device):
+    images, landmarks = synthetic.generate(train + test, size, np.random.default_rng(0))
+    cut = slice(0, train), slice(train, None)
+    return (*(Split(images[c], landmarks[c], device) for c in cut), synthetic.SYNTHETIC_LAYOUT)
+
+
+def faces_splits(folder: Path, size: int, device: torch.device):
+    if not (folder / "landmarks.csv").is_file():
+        raise SystemExit(f"{folder}: no landmarks.csv; pass --faces PATH to faces68-dev")
+    items = folder_items(folder / "img", read_landmark_table(folder / "landmarks.csv"))
+    splits = split_items(items, {"test": 0.1}, group_by="identity", seed=0)
+    out = []
+    for name in ("train", "test"):
+        samples = load_items(splits[name], size)
+        images = np.stack([s.image for s in samples])
+        out.append(Split(images, ibug68_to_mafl5(np.stack([s.landmarks for s in samples])), device))
+    return (*out, MAFL5)
+
+
+@torch.no_grad()
+def discovered(learner, split: Split, batch: int, size: int) -> torch.Tensor:
+    points = [
+        learner.landmarks(split.batch(torch.arange(i, min(i + batch, len(split)))))
+        for i in range(0, len(split), batch)
+    ]
+    return to_pixels(torch.cat(points).float().cpu(), size)
+
+
+def evaluate(learner, fit: Split, test: Split, layout: LandmarkLayout, size: int):
+    learner.eval()
+    fit_points, test_points = (discovered(learner, s, 256, size) for s in (fit, test))
+    learner.train()
+    report = landmark_regression(
+        fit_points,
+        fit.landmarks,
+        test_points,
+        test.landmarks,
+        eye_left=layout.eye_left,
+        eye_right=layout.eye_right,
+    )
+    return report, fit_points, test_points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=["synthetic", "faces68"], default="synthetic")
+    parser.add_argument("--faces", type=Path, default=FACES)
+    parser.add_argument("--config", help="job YAML whose model/loss/train settings to use")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--minutes", type=float, help="stop after this much training time")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--train-samples", type=int, default=4000, help="synthetic only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/accuracy"))
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = load_config(args.config, args.overrides)
+    size, batch = cfg.model.image_size, cfg.train.batch_size
+    device = torch.device(args.device)
+    if args.data == "synthetic":
+        fit, test, layout = synthetic_splits(size, args.train_samples, 500, device)
+    else:
+        fit, test, layout = faces_splits(args.faces, size, device)
+    torch.manual_seed(cfg.train.seed)
+    learner = build_learner(cfg.model, cfg.loss).to(device)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+
+    history, step, trained_s = [], 0, 0.0
+    report, *_ = evaluate(learner, fit, test, layout, size)
+    print(f"step 0: error {report.error:.2f}% (mean shape {report.baseline_error:.2f}%)")
+    while step < args.steps and (args.minutes is None or trained_s < 60 * args.minutes):
+        started = time.perf_counter()
+        for _ in range(min(args.eval_every, args.steps - step)):
+            i, j = (torch.randint(len(fit), (batch,), device=device) for _ in range(2))
+            with autocast:
+                losses = learner(fit.batch(i), fit.batch(j))
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+            optimizer.step()
+            step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        trained_s += time.perf_counter() - started
+        report, fit_points, test_points = evaluate(learner, fit, test, layout, size)
+        history.append({"step": step, "train_s": trained_s, **report.as_metrics()})
+        print(
+            f"step {step}: loss {losses['total'].item():.4f}, error {report.error:.2f}% "
+            f"(mean shape {report.baseline_error:.2f}%), {step * batch / trained_s:.1f} pairs/s",
+            flush=True,
+        )
+    write_results(args, cfg, learner, fit, test, report, fit_points, test_points, history)
+
+
+def write_results(
+    args, cfg, learner, fit, test, report: RegressionReport, fit_points, test_points, history
+) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    last = history[-1]
+    summary = {
+        "data": args.data,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "precision": args.precision,
+        "steps": last["step"],
+        "train_minutes": round(last["train_s"] / 60, 2),
+        "pairs_per_s": round(last["step"] * cfg.train.batch_size / last["train_s"], 2),
+        "landmark_error": round(report.error, 3),
+        "mean_shape_error": round(report.baseline_error, 3),
+        "reverse_error": round(report.reverse_error, 3),
+        "config": cfg.to_dict(),
+        "history": history,
+    }
+    (args.out / "accuracy.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}))
+    shown = torch.arange(min(8, len(test)))
+    images = test.batch(shown.to(test.images.device)).float().cpu()
+    regressed = report.predicted[shown]
+    sheet = regression_sheet(images, test_points[shown], regressed, test.landmarks[shown])
+    sheet.save(args.out / "landmarks.png")
+    learner.eval()
+    with torch.no_grad():
+        pair = (
+            test.batch(shown[:4].to(test.images.device)),
+            test.batch(shown[4:8].to(test.images.device)),
+        )
+        cycle_sheet(learner.model.float(), *pair).save(args.out / "cycle.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Training-step speed of one accelerator: img pairs/s, step-time breakdown, peak memory and
+model FLOPs utilisation (MFU), for a plain PyTorch loop and for DeepSpeed's engine (one
+process, ZeRO stages as asked), then the expected throughput of 8, 64 and 512 GPUs from the
+measured step time and gradient volume. Not a test: it prints a table and writes JSON.
+
+    python benchmarks/gpu_step.py --preset paper --precision bf16 --batch 32 --zero 0 2 3
+
+FLOPs are counted by torch's FlopCounterMode over one whole step (forward and backward of
+the learner, the frozen VGG included, since its backward to the images is real work), so
+MFU = counted FLOPs per step / step time / the GPU's dense bf16 (or fp32) peak. Data come
+from memory: this measures the model and the engine, `data_throughput.py` the loaders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ulm_dist.config import load_config
+from ulm_dist.engine import deepspeed_config
+from ulm_dist.models import build_learner
+
+# Dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s.
+PEAKS = {
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+}
+# Scaling assumptions: ring all-reduce moves 2 (N-1)/N of the gradient bytes per GPU; NVLink
+# inside an 8-GPU node, 400 Gb/s InfiniBand per GPU between nodes.
+BANDWIDTH = {"nvlink": 450e9 * 0.8, "infiniband": 50e9 * 0.8}
+
+
+def peak_flops(precision: str, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((p[precision] for key, p in PEAKS.items() if key in name), None)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def batch(size: int, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.rand(2, size, 3, image_size, image_size, generator=generator)
+    return images[0].to(device), images[1].to(device)
+
+
+def count_flops(learner, pair) -> int:
+    with FlopCounterMode(display=False) as counter:
+        learner(*pair)["total"].backward()
+    learner.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def plain_loop(cfg, pair, precision: str, steps: int, warmup: int) -> dict:
+    """Forward, backward and optimizer timed apart (a sync between them) over `steps`."""
+    device = pair[0].device
+    learner = build_learner(cfg.model, cfg.loss).to(device)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, cfg.train.lr)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    parts = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    with autocast:
+        flops = count_flops(learner, pair)
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        with autocast:
+            losses = learner(*pair)
+        sync()
+        t1 = time.perf_counter()
+        losses["total"].backward()
+        sync()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if step >= warmup:
+            parts["forward"] += t1 - t0
+            parts["backward"] += t2 - t1
+            parts["optimizer"] += time.perf_counter() - t2
+    step_s = sum(parts.values()) / steps
+    return {
+        "engine": "plain",
+        "step_s": step_s,
+        **{f"{name}_s": value / steps for name, value in parts.items()},
+        "flops_per_step": flops,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def deepspeed_loop(cfg, pair, precision: str, zero: int, steps: int, warmup: int) -> dict:
+    """The same step through DeepSpeed's engine in one process (world size 1)."""
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(verbose=False)
+    cfg.train.zero_stage = zero
+    cfg.train.batch_size = len(pair[0])
+    learner = build_learner(cfg.model, cfg.loss)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=learner, model_parameters=trainable, config=deepspeed_config(cfg.train, 1, precision)
+    )
+    dtype, _ = engine.get_data_types()
+    inputs = [image.to(engine.device, dtype) for image in pair]
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync()
+            started = time.perf_counter()
+        engine.backward(engine(*inputs)["total"])
+        engine.step()
+    sync()
+    result = {
+        "engine": f"deepspeed-zero{zero}",
+        "step_s": (time.perf_counter() - started) / steps,
+        "peak_memory_mb": peak_memory_mb(engine.device),
+    }
+    engine.destroy()
+    return result
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+
+def scaling_table(step_s: float, per_gpu_batch: int, gradient_bytes: int) -> list[dict]:
+    """Expected pairs/s at 8, 64 and 512 GPUs: data parallel, all-reduce of every gradient
+    once per step, either not overlapped with the backward pass (lower bound) or fully hidden
+    behind it (upper bound, capped by the compute)."""
+    rows = []
+    for gpus in (8, 64, 512):
+        bandwidth = BANDWIDTH["nvlink"] if gpus <= 8 else BANDWIDTH["infiniband"]
+        comm_s = 2 * (gpus - 1) / gpus * gradient_bytes / bandwidth
+        rows.append(
+            {
+                "gpus": gpus,
+                "allreduce_ms": round(1e3 * comm_s, 3),
+                "pairs_per_s_no_overlap": round(gpus * per_gpu_batch / (step_s + comm_s)),
+                "pairs_per_s_full_overlap": round(gpus * per_gpu_batch / max(step_s, comm_s)),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--batch", type=int, default=32, help="image pairs per step")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--zero", type=int, nargs="*", default=[2], help="DeepSpeed stages")
+    parser.add_argument("--peak-tflops", type=float, help="override the GPU's peak")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_step.json"))
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = parser.parse_args()
+
+    cfg = load_config(None, [f"model.preset={args.preset}", *args.overrides])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pair = batch(args.batch, cfg.model.image_size, device)
+    plain = plain_loop(cfg, pair, args.precision, args.steps, args.warmup)
+    results = [plain]
+    for zero in args.zero:
+        try:
+            results.append(deepspeed_loop(cfg, pair, args.precision, zero, args.steps, args.warmup))
+        except Exception as error:  # a benchmark reports what failed and goes on
+            results.append({"engine": f"deepspeed-zero{zero}", "error": repr(error)[:300]})
+    peak = peak_flops(args.precision, args.peak_tflops)
+    for row in results:
+        if "step_s" in row:
+            row["pairs_per_s"] = args.batch / row["step_s"]
+            achieved = plain["flops_per_step"] / row["step_s"]
+            row["achieved_tflops"] = achieved / 1e12
+            row["mfu"] = achieved / peak if peak else None
+    # bf16 gradients are all-reduced in bf16 by DeepSpeed; fp32 ones in fp32.
+    gradient_bytes = plain["trainable_params"] * (2 if args.precision == "bf16" else 4)
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "preset": args.preset,
+        "image_size": cfg.model.image_size,
+        "num_landmarks": cfg.model.num_landmarks,
+        "precision": args.precision,
+        "batch": args.batch,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "results": results,
+        "scaling": scaling_table(plain["step_s"], args.batch, gradient_bytes),
+        "scaling_assumptions": BANDWIDTH,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
