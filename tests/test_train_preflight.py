@@ -93,3 +93,18 @@ def test_the_demo_job_file_is_the_embedded_default():
     # The README's demo and `--config jobs/demo.yaml` must stay the same job.
     demo_job = Path(__file__).parents[1] / "jobs" / "demo.yaml"
     assert load_config(demo_job) == load_config()
+
+
+def test_gpu_training_on_a_cluster_without_gpus_asks_the_autoscaler_then_gives_up(
+    capsys, run_args
+):
+    # A real local Ray with CPUs only: the GPUs asked for never join.
+    try:
+        assert main([*run_args, "train.device=gpu", "train.gpu_wait_s=1"]) == 2
+    finally:
+        ray.shutdown()
+    captured = capsys.readouterr()
+    assert "waiting for GPU nodes: 0 of 2 GPUs in the cluster" in captured.out
+    assert "2 workers need one GPU each but the Ray cluster has 0 after waiting 1 s" in (
+        captured.err
+    )

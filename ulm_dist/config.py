@@ -201,6 +201,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "gpu"] = option(
         "auto", "where workers train; auto: GPUs if the Ray cluster has any, else CPU"
     )
+    gpu_wait_s: float = option(
+        0,
+        "device=gpu on an autoscaling cluster: seconds to wait for the GPU nodes asked for to "
+        "join before giving up (0: fail at once if the GPUs are not there)",
+        min=0,
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto",
         "auto: bf16 on GPUs that support it, else fp32; fp16 (GPUs only) uses dynamic loss scaling",

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -276,12 +277,37 @@ def choose_device(cfg: Config, verbose: bool) -> bool:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if cfg.train.device == "auto" and gpus == 0:
         return False
-    if gpus < cfg.train.num_workers:
+    needed = cfg.train.num_workers
+    if gpus < needed and cfg.train.gpu_wait_s > 0:
+        gpus = wait_for_gpus(needed, cfg.train.gpu_wait_s)
+    if gpus < needed:
         raise ConfigError(
-            f"train.device: {cfg.train.num_workers} workers need one GPU each but the Ray "
-            f"cluster has {gpus}; lower train.num_workers, add GPUs, or set train.device=cpu"
+            f"train.device: {needed} workers need one GPU each but the Ray cluster has {gpus}"
+            + (f" after waiting {cfg.train.gpu_wait_s:g} s" if cfg.train.gpu_wait_s else "")
+            + "; lower train.num_workers, add GPUs, raise train.gpu_wait_s for an autoscaling "
+            "cluster, or set train.device=cpu"
         )
     return True
+
+
+def wait_for_gpus(needed: int, timeout_s: float) -> int:
+    """Ask the autoscaler for `needed` GPUs and wait for them: an autoscaling cluster starts
+    with none, and Ray Train alone would wait forever without saying why."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * needed)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (gpus := int(ray.cluster_resources().get("GPU", 0))) < needed:
+            if time.monotonic() >= deadline:
+                break
+            print(f"waiting for GPU nodes: {gpus} of {needed} GPUs in the cluster", flush=True)
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+    finally:
+        # The request would hold the nodes after the run; the workers' own demand keeps them
+        # while it lasts, and they take their GPUs within seconds, long before idle timeout.
+        request_resources(bundles=[])
+    return gpus
 
 
 def choose_precision(cfg: Config, use_gpu: bool) -> str:
