@@ -19,6 +19,7 @@ import yaml
 from ray.tune import ExperimentAnalysis
 
 from ulm_dist.artifact import load_detector
+from ulm_dist.store import open_filesystem
 from ulm_dist.tune import main
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,10 @@ STEPS = 6
 
 
 @pytest.fixture
-def ray_cluster():
-    # 3 logical CPUs: two trials' single workers (1 CPU each) plus their drivers' token shares.
+def ray_cluster(s3_server):
+    # Started after the S3 fixture has put the test credentials in the environment, which the
+    # workers inherit. 3 logical CPUs: two trials' single workers (1 CPU each) plus their
+    # drivers' token shares.
     context = ray.init(
         address="local", num_cpus=3, log_to_driver=False, logging_level=logging.ERROR
     )
@@ -38,34 +41,41 @@ def ray_cluster():
     ray.shutdown()
 
 
+def write_sweep(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def training_overrides(tmp_path: Path, tiny_model_overrides: list[str]) -> list[str]:
+    return [
+        *tiny_model_overrides,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val=null",
+        "train.num_workers=1",
+        f"train.steps={STEPS}",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "train.warmup_steps=1",
+    ]
+
+
 @pytest.fixture
 def sweep_file(tmp_path, tiny_model_overrides) -> Path:
-    sweep = {
-        "name": "tiny",
-        "overrides": [
-            *tiny_model_overrides,
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.val=null",
-            "train.num_workers=1",
-            f"train.steps={STEPS}",
-            "train.log_every=2",
-            "train.checkpoint_every=2",
-            "train.warmup_steps=1",
-        ],
+    return write_sweep(
+        tmp_path / "sweep.yaml",
+        name="tiny",
+        overrides=training_overrides(tmp_path, tiny_model_overrides),
         # The training loss stands in for the landmark error: no validation set to build.
-        "metric": "loss/total",
-        "storage": str(tmp_path / "sweeps"),
-        "log_dir": str(tmp_path / "logs"),
-        "search": {"algorithm": "random", "num_samples": NUM_TRIALS, "max_concurrent_trials": 2},
-        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
-        "space": {
+        metric="loss/total",
+        storage=str(tmp_path / "sweeps"),
+        log_dir=str(tmp_path / "logs"),
+        search={"algorithm": "random", "num_samples": NUM_TRIALS, "max_concurrent_trials": 2},
+        scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2},
+        space={
             "train.lr": {"loguniform": [1e-4, 1e-2]},
             "model.num_landmarks": {"values": [3, 4]},
         },
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
+    )
 
 
 def interrupt_after_first_trial(sweep_file: Path, runs: Path, gcs_address: str) -> str:
@@ -127,3 +137,28 @@ def test_sweep_survives_an_interrupt_and_exports_the_best(
 
     detector = load_detector(logs / "best")
     assert detector.num_landmarks == best["model.num_landmarks"]
+
+
+def test_sweep_on_s3(ray_cluster, s3_server, s3_bucket, tmp_path, tiny_model_overrides):
+    sweep_file = write_sweep(
+        tmp_path / "sweep.yaml",
+        name="on-s3",
+        overrides=[
+            *training_overrides(tmp_path, tiny_model_overrides),
+            f"data.s3_endpoint_url={s3_server}",
+        ],
+        metric="loss/total",
+        storage=f"{s3_bucket}/sweeps",
+        log_dir=str(tmp_path / "logs"),
+        search={"algorithm": "grid", "num_samples": 1, "max_concurrent_trials": 2},
+        scheduler={"name": "fifo"},
+        space={"model.num_landmarks": {"values": [3, 4]}},
+    )
+    assert main(["--config", str(sweep_file)]) == 0
+
+    filesystem, path = open_filesystem(f"{s3_bucket}/sweeps/on-s3", s3_server)
+    table = pq.read_table(f"{path}/trials.parquet", filesystem=filesystem).to_pylist()
+    assert sorted(row["model.num_landmarks"] for row in table) == [3, 4]
+    assert all(row["status"] == "finished" for row in table)
+    assert all(row["checkpoint"].startswith(f"{s3_bucket}/sweeps/on-s3/runs/") for row in table)
+    assert load_detector(tmp_path / "logs" / "on-s3" / "best").num_landmarks in (3, 4)
