@@ -2,7 +2,8 @@
 cluster, each a real training run (1 CPU worker, DeepSpeed). The sweep's driver is killed
 (SIGINT, as Ctrl+C) once the first trial is done, then the same command continues it: the
 finished trial is not run again, and the whole sweep ends with a table, a plot, a best trial
-and its export. A few minutes on 2 cores."""
+and its export. A second sweep keeps everything in S3 (a moto server on 127.0.0.1). Several
+minutes on 2 cores."""
 
 import logging
 import os
