@@ -2,6 +2,7 @@
 
     python -m ulm_dist.data build SRC DEST --landmarks table.csv --size 128 \\
         --split-by identity --test-fraction 0.1 --layout ibug68
+    python -m ulm_dist.data build SRC DEST --landmarks table.csv --reduce-landmarks mafl5 ...
     python -m ulm_dist.data synth DEST --n 20000 --size 64
     python -m ulm_dist.data info DEST/train
 
@@ -24,7 +25,7 @@ from ulm_dist.data.build import (
     synthetic_shard_samples,
     synthetic_split_samples,
 )
-from ulm_dist.data.layouts import KNOWN_LAYOUTS
+from ulm_dist.data.layouts import KNOWN_LAYOUTS, LANDMARK_REDUCTIONS
 from ulm_dist.data.manifest import Manifest, read_manifest
 from ulm_dist.data.s3 import S3Options
 from ulm_dist.data.shards import Encoding
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             group_by=args.split_by,
             seed=args.seed,
             layout=KNOWN_LAYOUTS[args.layout] if args.layout else None,
+            reduction=LANDMARK_REDUCTIONS[args.reduce_landmarks] if args.reduce_landmarks else None,
             write=write,
         )
     else:
@@ -105,7 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--split-by", help="metadata column whose groups stay in one split (e.g. identity)"
     )
-    build.add_argument("--layout", choices=sorted(KNOWN_LAYOUTS), help="the landmarks' layout")
+    layout = build.add_mutually_exclusive_group()
+    layout.add_argument("--layout", choices=sorted(KNOWN_LAYOUTS), help="the landmarks' layout")
+    layout.add_argument(
+        "--reduce-landmarks",
+        choices=sorted(LANDMARK_REDUCTIONS),
+        help="store an evaluation protocol's points instead of the table's (mafl5: the MAFL "
+        "eye centres, nose tip and mouth corners from 68 iBUG points), with that layout",
+    )
 
     synth = commands.add_parser("synth", help="write the synthetic set (train/val/test)")
     synth.add_argument("dest", help="output folder or s3://bucket/prefix")

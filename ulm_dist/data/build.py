@@ -20,8 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from ulm_dist.data import locations, synthetic
-from ulm_dist.data.image_folder import folder_items, load_items, read_landmark_table, split_items
-from ulm_dist.data.layouts import LandmarkLayout
+from ulm_dist.data.image_folder import (
+    LandmarkTable,
+    folder_items,
+    load_items,
+    read_landmark_table,
+    split_items,
+)
+from ulm_dist.data.layouts import LandmarkLayout, LandmarkReduction
 from ulm_dist.data.manifest import MANIFEST_NAME, DatasetSummary, Manifest, write_manifest
 from ulm_dist.data.s3 import S3Options
 from ulm_dist.data.shards import Encoding, Sample, ShardJob, samples_per_shard, write_shards
@@ -56,12 +62,17 @@ def build_from_folder(
     group_by: str | None = None,
     seed: int = 0,
     layout: LandmarkLayout | None = None,
+    reduction: LandmarkReduction | None = None,
     write: WriteOptions = WriteOptions(),
 ) -> dict[str, Manifest]:
     """Shards an image folder (see `image_folder`) in a random (seeded) order; `shard_samples`,
     if given, overrides `shard_bytes`. `fractions` (e.g. {"val": 0.05, "test": 0.1}) splits
-    off parts at random, whole `group_by` groups at a time; the rest is "train"."""
+    off parts at random, whole `group_by` groups at a time; the rest is "train". A
+    `reduction` (e.g. 68 points to MAFL's 5) replaces the table's landmarks and `layout`."""
     landmarks = read_landmark_table(table) if table is not None else None
+    if reduction is not None:
+        landmarks = _reduce_landmarks(landmarks, reduction)
+        layout = reduction.layout
     items = folder_items(source, landmarks)
     num_landmarks = landmarks.landmarks.shape[1] if landmarks is not None else 0
     if layout is not None and layout.num_landmarks != num_landmarks:
@@ -94,6 +105,18 @@ def build_from_folder(
         )
         manifests[split] = _write_split(jobs, len(members), dest, summary, write)
     return manifests
+
+
+def _reduce_landmarks(table: LandmarkTable | None, reduction: LandmarkReduction) -> LandmarkTable:
+    found = table.landmarks.shape[1] if table is not None else 0
+    if table is None or found != reduction.source_count:
+        raise ValueError(
+            f"reducing landmarks to {len(reduction.names)} points needs a table with "
+            f"{reduction.source_count} landmarks, got {found}; give --landmarks with x0, y0 .. "
+            f"x{reduction.source_count - 1}, y{reduction.source_count - 1} columns"
+        )
+    points = reduction.reduce(table.landmarks).astype(np.float32)
+    return dataclasses.replace(table, landmarks=points, landmark_names=list(reduction.names))
 
 
 def build_synthetic(

@@ -8,6 +8,7 @@ meaning ("the image-left eye") after a horizontal flip.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,3 +85,24 @@ _MAFL5_FROM_IBUG68 = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,),
 def ibug68_to_mafl5(points: np.ndarray) -> np.ndarray:
     """(..., 68, 2) iBUG points -> (..., 5, 2) MAFL points (see MAFL5)."""
     return np.stack([points[..., list(group), :].mean(axis=-2) for group in _MAFL5_FROM_IBUG68], -2)
+
+
+@dataclass(frozen=True)
+class LandmarkReduction:
+    """A fixed map from a rich annotation (e.g. 68 points) to an evaluation protocol's points,
+    applied when shards are built so that the manifest carries the protocol's layout."""
+
+    source_count: int
+    layout: LandmarkLayout
+    names: tuple[str, ...]
+    reduce: Callable[[np.ndarray], np.ndarray]  # (..., source_count, 2) -> (..., L, 2)
+
+
+LANDMARK_REDUCTIONS = {
+    "mafl5": LandmarkReduction(
+        source_count=IBUG68.num_landmarks,
+        layout=MAFL5,
+        names=("eye_left", "eye_right", "nose", "mouth_left", "mouth_right"),
+        reduce=ibug68_to_mafl5,
+    )
+}
