@@ -25,6 +25,7 @@ import torch
 
 from ulm_dist.config import load_config
 from ulm_dist.data import synthetic
+from ulm_dist.data.augment import AugmentOptions, View, warped_view
 from ulm_dist.data.image_folder import folder_items, load_items, read_landmark_table, split_items
 from ulm_dist.data.layouts import MAFL5, LandmarkLayout, ibug68_to_mafl5
 from ulm_dist.evaluate import (
@@ -69,6 +70,11 @@ def faces_splits(folder: Path, size: int, device: torch.device):
         images = np.stack([s.image for s in samples])
         out.append(Split(images, ibug68_to_mafl5(np.stack([s.landmarks for s in samples])), device))
     return (*out, MAFL5)
+
+
+def warped(images: torch.Tensor, options: AugmentOptions, rng: np.random.Generator) -> torch.Tensor:
+    views = [warped_view(View(image, None), options, rng).image for image in images.cpu().numpy()]
+    return torch.from_numpy(np.stack(views)).to(images.device)
 
 
 @torch.no_grad()
@@ -126,6 +132,10 @@ def main() -> None:
     optimizer = torch.optim.AdamW(trainable, cfg.train.lr, weight_decay=cfg.train.weight_decay)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
+    # data.pairs=warped (conditional generation): the pair is an image and its warp, made on
+    # the CPU by the data pipeline's own warp.
+    warps = AugmentOptions.from_config(cfg.data) if cfg.data.pairs == "warped" else None
+    rng = np.random.default_rng(cfg.train.seed)
     history, step, trained_s = [], 0, 0.0
     report, *_ = evaluate(learner, fit, test, layout, size)
     print(f"step 0: error {report.error:.2f}% (mean shape {report.baseline_error:.2f}%)")
@@ -133,8 +143,10 @@ def main() -> None:
         started = time.perf_counter()
         for _ in range(min(args.eval_every, args.steps - step)):
             i, j = (torch.randint(len(fit), (batch,), device=device) for _ in range(2))
+            image_i = fit.batch(i)
+            image_j = warped(image_i, warps, rng) if warps else fit.batch(j)
             with autocast:
-                losses = learner(fit.batch(i), fit.batch(j))
+                losses = learner(image_i, image_j)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)

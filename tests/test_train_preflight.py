@@ -95,9 +95,7 @@ def test_the_demo_job_file_is_the_embedded_default():
     assert load_config(demo_job) == load_config()
 
 
-def test_gpu_training_on_a_cluster_without_gpus_asks_the_autoscaler_then_gives_up(
-    capsys, run_args
-):
+def test_gpu_training_on_a_cluster_without_gpus_asks_the_autoscaler_then_gives_up(capsys, run_args):
     # A real local Ray with CPUs only: the GPUs asked for never join.
     try:
         assert main([*run_args, "train.device=gpu", "train.gpu_wait_s=1"]) == 2

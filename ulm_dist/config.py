@@ -33,7 +33,11 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
 
 @dataclass
 class ModelConfig:
-    name: Literal["cycle"] = option("cycle", "which landmark learner to train")
+    name: Literal["cycle", "imm"] = option(
+        "cycle",
+        "which landmark learner to train: cycle (Xu et al. 2020, unpaired pairs) or imm "
+        "(Jakab et al. 2018, conditional generation; needs data.pairs=warped)",
+    )
     preset: Literal["tiny", "paper"] = option(
         "tiny", "size family: tiny (32px, narrow; CPU) or paper (128px, Jakab et al. widths)"
     )
@@ -282,6 +286,11 @@ class Config:
             value = getattr(self, section.name)
             if hasattr(value, "validate"):
                 value.validate()
+        if self.model.name == "imm" and self.data.pairs != "warped":
+            raise ConfigError(
+                "data.pairs: model.name=imm learns from an image and a warped copy of it; "
+                f"set data.pairs=warped (got {self.data.pairs})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

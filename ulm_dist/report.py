@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ulm_dist.models.cycle import CycleConsistencyModel
+
 
 def landmark_colours(count: int) -> list[tuple[int, int, int]]:
     """`count` well-separated, saturated colours (evenly spaced hues)."""
@@ -132,7 +134,31 @@ def evaluation_sheets(
     `images` (B, 3, S, S) in the model's device and dtype; points in pixels, on the CPU.
     """
     half = max(1, len(images) // 2)
-    return {
-        "regression_sheet": regression_sheet(images, discovered, regressed, annotated),
-        "cycle_sheet": cycle_sheet(model, images[:half], images[-half:]),
-    }
+    pair = images[:half], images[-half:]
+    sheets = {"regression_sheet": regression_sheet(images, discovered, regressed, annotated)}
+    if isinstance(model, CycleConsistencyModel):
+        sheets["cycle_sheet"] = cycle_sheet(model, *pair)
+    else:
+        sheets["generation_sheet"] = generation_sheet(model, *pair)
+    return sheets
+
+
+def generation_sheet(
+    model, source: torch.Tensor, target: torch.Tensor, scale: int = 4
+) -> Image.Image:
+    """One row per pair, for conditional generation: the source, the target with its
+    landmarks, and the source redrawn in the target's landmarks (`ConditionalGenerationModel`)."""
+    with torch.no_grad():
+        out = model(source, target)
+    size = source.shape[-1]
+    points = (out.landmarks.float().cpu().numpy() + 1) * size / 2
+    colours = landmark_colours(points.shape[1])
+    rows = [
+        [
+            draw_points(to_uint8(source)[n], np.zeros((0, 2)), colours, scale=scale),
+            draw_points(to_uint8(target)[n], points[n], colours, scale=scale),
+            draw_points(to_uint8(out.generated)[n], points[n], colours, scale=scale),
+        ]
+        for n in range(len(source))
+    ]
+    return grid(rows, ["source", "target (p)", "D(source, p)"])

@@ -26,7 +26,10 @@ from ulm_dist.evaluate import landmark_regression, to_pixels
 from ulm_dist.report import evaluation_sheets
 
 # TensorBoard tag -> file name in the checkpoint folder (see `train.RunReporter`).
-SHEET_FILES = {f"val/{name}": f"val_{name}.png" for name in ("regression_sheet", "cycle_sheet")}
+SHEET_FILES = {
+    f"val/{name}": f"val_{name}.png"
+    for name in ("regression_sheet", "cycle_sheet", "generation_sheet")
+}
 SHOWN_IMAGES = 8
 # Loader batch while loading, and detector batch while evaluating.
 BATCH_SIZE = 64

@@ -6,11 +6,18 @@ from torch import nn
 
 from ulm_dist.config import LossConfig, ModelConfig
 from ulm_dist.models.cycle import CycleConsistencyModel, CycleLearner
+from ulm_dist.models.imm import ConditionalGenerationLearner, ConditionalGenerationModel
 
-__all__ = ["CycleConsistencyModel", "CycleLearner", "build_learner"]
+__all__ = [
+    "ConditionalGenerationLearner",
+    "ConditionalGenerationModel",
+    "CycleConsistencyModel",
+    "CycleLearner",
+    "build_learner",
+]
+LEARNERS = {"cycle": CycleLearner, "imm": ConditionalGenerationLearner}
 
 
 def build_learner(model: ModelConfig, loss: LossConfig) -> nn.Module:
     """The trainable module for `model.name`; forward(image_i, image_j) -> loss dict."""
-    learners = {"cycle": CycleLearner}
-    return learners[model.name](model, loss)
+    return LEARNERS[model.name](model, loss)

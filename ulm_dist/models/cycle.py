@@ -35,8 +35,13 @@ from ulm_dist.config import LossConfig, ModelConfig
 from ulm_dist.losses import equivariance_loss, invariance_loss, perceptual_distances
 from ulm_dist.models.flow import CrossImageFlow, transform_points
 from ulm_dist.models.landmarks import render_gaussian_heatmaps
-from ulm_dist.models.networks import AppearanceEncoder, HeatmapDecoder, PoseEncoder
-from ulm_dist.models.perceptual import VGG16Features
+from ulm_dist.models.networks import (
+    AppearanceEncoder,
+    HeatmapDecoder,
+    PoseEncoder,
+    paint_parts,
+)
+from ulm_dist.models.perceptual import perceptual_network
 
 
 @dataclass
@@ -54,13 +59,13 @@ class CycleOutputs:
 class CycleConsistencyModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.image_size = config.image_size
         self.heatmap_std = config.heatmap_std
         self.pose_encoder = PoseEncoder(config.channels, config.num_landmarks, config.flow_channels)
         self.appearance_encoder = AppearanceEncoder(config.channels, config.appearance_dim)
         self.decoder = HeatmapDecoder(
-            config.channels, config.num_landmarks, config.appearance_dim, config.heatmap_std
+            config.channels, config.num_landmarks, 2 * config.appearance_dim, config.heatmap_std
         )
+        self.coarse_size = config.image_size // 2 ** (len(config.channels) - 1)
         self.flow = CrossImageFlow(config.flow_kernel, config.flow_temperature)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,6 +79,11 @@ class CycleConsistencyModel(nn.Module):
         """The detector alone: images (B, 3, S, S) in [0, 1] -> landmarks (B, K, 2) in [-1, 1]."""
         return self.pose_encoder(images)[0]
 
+    def decode(self, appearance: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """D(a, p): appearance (B, K + 1, D) painted at landmarks (B, K, 2) -> images."""
+        painted = paint_parts(appearance, landmarks, self.coarse_size, self.heatmap_std)
+        return self.decoder(painted, landmarks)
+
     def forward(self, image_i: torch.Tensor, image_j: torch.Tensor) -> CycleOutputs:
         n = image_i.shape[0]
         # Both images go through each network as one batch: same maths, half the launches.
@@ -81,15 +91,13 @@ class CycleConsistencyModel(nn.Module):
         p_i, p_j = points.split(n)
         a_i, a_j = appearance.split(n)
         # One decoder pass for I_ij, I_ji, D(a_i, p_i), D(a_j, p_j).
-        decoded = self.decoder(
-            torch.cat([a_i, a_j, a_i, a_j]), torch.cat([p_j, p_i, p_i, p_j]), self.image_size
-        )
+        decoded = self.decode(torch.cat([a_i, a_j, a_i, a_j]), torch.cat([p_j, p_i, p_i, p_j]))
         swapped, recoded = decoded.split(2 * n)
         points_again, appearance_again, _ = self.encode(swapped)
         p_j_again, p_i_again = points_again.split(n)  # p_j' from I_ij, p_i' from I_ji
         a_i_again, a_j_again = appearance_again.split(n)
-        reconstructed = self.decoder(
-            torch.cat([a_i_again, a_j_again]), torch.cat([p_i_again, p_j_again]), self.image_size
+        reconstructed = self.decode(
+            torch.cat([a_i_again, a_j_again]), torch.cat([p_i_again, p_j_again])
         )
         f_i, f_j = features.split(n)
         return CycleOutputs(
@@ -111,8 +119,7 @@ class CycleLearner(nn.Module):
     def __init__(self, model_config: ModelConfig, loss_config: LossConfig):
         super().__init__()
         self.model = CycleConsistencyModel(model_config)
-        vgg_layers = [name for name in loss_config.perceptual_layers if name != "pixels"]
-        self.vgg = VGG16Features(vgg_layers, loss_config.vgg_weights) if vgg_layers else None
+        self.vgg = perceptual_network(loss_config)
         self.compare_pixels = "pixels" in loss_config.perceptual_layers
         self.consistency_warmup = loss_config.consistency_warmup
         self.register_buffer("forward_passes", torch.zeros((), dtype=torch.long))

@@ -51,12 +51,18 @@ class PoseEncoder(nn.Module):
         self.trunk = Encoder(channels)
         # No bias: the spatial softmax ignores a per-map constant, so it would never train.
         self.score_head = nn.Conv2d(self.trunk.out_channels, num_landmarks, 1, bias=False)
-        self.flow_head = nn.Conv2d(self.trunk.out_channels, flow_channels, 1)
+        # Learners without a flow module pass 0: a head that gets no gradient would only
+        # cost optimizer state (and trip DeepSpeed's checks for unused parameters).
+        self.flow_head = (
+            nn.Conv2d(self.trunk.out_channels, flow_channels, 1) if flow_channels else None
+        )
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns landmarks (B, K, 2) in [-1, 1] and matching features (B, C, h, w)."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns landmarks (B, K, 2) in [-1, 1] and matching features (B, C, h, w), or None
+        without a flow head."""
         features = self.trunk(images)
-        return spatial_softmax(self.score_head(features)), self.flow_head(features)
+        matching = self.flow_head(features) if self.flow_head is not None else None
+        return spatial_softmax(self.score_head(features)), matching
 
 
 class AppearanceEncoder(nn.Module):
@@ -82,31 +88,41 @@ class AppearanceEncoder(nn.Module):
         return torch.cat([parts, background], dim=1)
 
 
+def paint_parts(
+    appearance: torch.Tensor, landmarks: torch.Tensor, size: int, std: float
+) -> torch.Tensor:
+    """Each landmark's appearance code painted under its Gaussian, plus the background code
+    everywhere: (B, K + 1, D) codes -> (B, 2 D, size, size) decoder input."""
+    heatmaps = render_gaussian_heatmaps(landmarks, size, std)
+    painted = torch.einsum("bkhw,bkd->bdhw", heatmaps, appearance[:, :-1])
+    background = appearance[:, -1, :, None, None].expand(-1, -1, size, size)
+    return torch.cat([painted, background], dim=1)
+
+
 class HeatmapDecoder(nn.Module):
-    """D(a, p): paints each landmark's appearance at its pose, then upsamples to an image.
+    """D(features, p): an image from a coarse feature map and the landmarks' Gaussian maps.
 
     The Gaussian maps are fed again at every scale (as in Lorenz et al.'s decoder) so that
-    fine positions need not survive the coarse stages.
+    fine positions need not survive the coarse stages. The features are what each learner
+    conditions on: painted part appearances (`paint_parts`) for the cycle model, the source
+    image's feature map for conditional generation.
     """
 
-    def __init__(self, channels: list[int], num_landmarks: int, appearance_dim: int, std: float):
+    def __init__(self, channels: list[int], num_landmarks: int, in_channels: int, std: float):
         super().__init__()
         self.std = std
         widths = list(reversed(channels))
-        self.stem = conv_block(2 * appearance_dim + num_landmarks, widths[0])
+        self.stem = conv_block(in_channels + num_landmarks, widths[0])
         self.stages = nn.ModuleList(
             nn.Sequential(conv_block(wide + num_landmarks, narrow), conv_block(narrow, narrow))
             for wide, narrow in itertools.pairwise(widths)
         )
         self.to_rgb = nn.Conv2d(widths[-1], 3, 3, padding=1)
 
-    def forward(self, appearance: torch.Tensor, landmarks: torch.Tensor, size: int) -> torch.Tensor:
-        """appearance (B, K + 1, D), landmarks (B, K, 2); returns images (B, 3, size, size)."""
-        coarse = size // 2 ** len(self.stages)
-        heatmaps = render_gaussian_heatmaps(landmarks, coarse, self.std)
-        painted = torch.einsum("bkhw,bkd->bdhw", heatmaps, appearance[:, :-1])
-        background = appearance[:, -1, :, None, None].expand(-1, -1, coarse, coarse)
-        x = self.stem(torch.cat([painted, background, heatmaps], dim=1))
+    def forward(self, features: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """features (B, C, s, s), landmarks (B, K, 2); returns images (B, 3, s * 2^n, ...)."""
+        heatmaps = render_gaussian_heatmaps(landmarks, features.shape[-1], self.std)
+        x = self.stem(torch.cat([features, heatmaps], dim=1))
         for stage in self.stages:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             heatmaps = render_gaussian_heatmaps(landmarks, x.shape[-1], self.std)

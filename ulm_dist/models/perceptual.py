@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ulm_dist.config import LossConfig
+
 log = logging.getLogger(__name__)
 
 # (name, out_channels) per conv; "M" is a 2x2 max-pool. Each conv is followed by its ReLU.
@@ -108,3 +110,9 @@ class VGG16Features(nn.Module):
             if self._taps.get(index) in self.layers:
                 taps[self._taps[index]] = x
         return taps
+
+
+def perceptual_network(loss_config: LossConfig) -> VGG16Features | None:
+    """The frozen VGG of `loss.perceptual_layers`, or None when only pixels are compared."""
+    layers = [name for name in loss_config.perceptual_layers if name != "pixels"]
+    return VGG16Features(layers, loss_config.vgg_weights) if layers else None

@@ -1,0 +1,67 @@
+"""Conditional image generation (Jakab, Gupta, Bilen and Vedaldi, NeurIPS 2018), the `imm`
+baseline: landmarks are what a generator needs, besides the source image, to redraw its warp.
+
+For an image x and a warped copy x' (`data.pairs: warped`):
+    p' = E_p(x')                  landmarks of the target, through the heatmap bottleneck
+    f  = E_a(x)                   a spatial feature map of the source
+    x^ = D(f, p')                 the target redrawn from the source's features
+and the loss is the perceptual distance P(x', x^). The source's features carry everything
+but the geometry of the warp, so the generator can only redraw x' where the landmarks say;
+that is the whole learning signal. The bottleneck (spatial softmax, Gaussian maps), the
+decoder and the perceptual network are the cycle model's own (`networks.py`,
+`perceptual.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ulm_dist.config import LossConfig, ModelConfig
+from ulm_dist.losses import perceptual_distances
+from ulm_dist.models.networks import Encoder, HeatmapDecoder, PoseEncoder
+from ulm_dist.models.perceptual import perceptual_network
+
+
+@dataclass
+class GenerationOutputs:
+    landmarks: torch.Tensor  # p' of the target: (B, K, 2)
+    generated: torch.Tensor  # x^: (B, 3, S, S)
+
+
+class ConditionalGenerationModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pose_encoder = PoseEncoder(config.channels, config.num_landmarks, flow_channels=0)
+        self.appearance_encoder = Encoder(config.channels)
+        self.decoder = HeatmapDecoder(
+            config.channels, config.num_landmarks, config.channels[-1], config.heatmap_std
+        )
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pose_encoder(images)[0]
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> GenerationOutputs:
+        points = self.landmarks(target)
+        return GenerationOutputs(points, self.decoder(self.appearance_encoder(source), points))
+
+
+class ConditionalGenerationLearner(nn.Module):
+    """`forward(image, warped)` returns {"recon", "total"}: P(warped, D(E_a(image), p'))."""
+
+    def __init__(self, model_config: ModelConfig, loss_config: LossConfig):
+        super().__init__()
+        self.model = ConditionalGenerationModel(model_config)
+        self.vgg = perceptual_network(loss_config)
+        self.compare_pixels = "pixels" in loss_config.perceptual_layers
+        self.weight = loss_config.lambda_recon
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.landmarks(images)
+
+    def forward(self, image: torch.Tensor, warped: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(image, warped)
+        recon = perceptual_distances(warped, out.generated, self.vgg, self.compare_pixels).mean()
+        return {"recon": recon, "total": self.weight * recon}
