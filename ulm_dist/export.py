@@ -293,7 +293,7 @@ ulm_dist installed, `ulm_dist.artifact.load_detector(folder)` does this and retu
 `python -m ulm_dist.predict FOLDER IMAGES... --out DIR` runs it on image files.
 
 `model.pt` is the state dict of the whole model
-(`ulm_dist.models.CycleConsistencyModel(config.model)`, config in `config.yaml`).
+(`ulm_dist.models.build_learner(config.model, config.loss).model`, config in `config.yaml`).
 {regressor}
 
 ## Scores
