@@ -16,8 +16,10 @@ def sweep(**fields):
     return sweep_config_from_dict({**raw, **fields})
 
 
-def test_the_job_file_loads():
-    config = load_sweep_config(REPO / "jobs" / "sweep.yaml")
+def test_the_job_file_loads_and_says_what_it_is_for():
+    path = REPO / "jobs" / "sweep.yaml"
+    assert path.read_text().startswith("# sweep: "), "start with a comment on its purpose"
+    config = load_sweep_config(path)
     assert config.metric == "val/landmark_error"
     assert "model.num_landmarks" in config.space
     base = config.base_config()
