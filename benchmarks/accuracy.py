@@ -34,7 +34,7 @@ from ulm_dist.evaluate import (
 )
 from ulm_dist.models import build_learner
 from ulm_dist.models.landmarks import to_pixels
-from ulm_dist.report import cycle_sheet, regression_sheet
+from ulm_dist.report import evaluation_sheets
 
 FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces68-dev"
 
@@ -186,17 +186,16 @@ def write_results(
     (args.out / "accuracy.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}))
     shown = torch.arange(min(8, len(test)))
-    images = test.batch(shown.to(test.images.device)).float().cpu()
-    regressed = report.predicted[shown]
-    sheet = regression_sheet(images, test_points[shown], regressed, test.landmarks[shown])
-    sheet.save(args.out / "landmarks.png")
     learner.eval()
-    with torch.no_grad():
-        pair = (
-            test.batch(shown[:4].to(test.images.device)),
-            test.batch(shown[4:8].to(test.images.device)),
-        )
-        cycle_sheet(learner.model.float(), *pair).save(args.out / "cycle.png")
+    sheets = evaluation_sheets(
+        learner.model.float(),
+        test.batch(shown.to(test.images.device)),
+        test_points[shown],
+        report.predicted[shown],
+        test.landmarks[shown],
+    )
+    for name, sheet in sheets.items():
+        sheet.save(args.out / f"{name}.png")
 
 
 if __name__ == "__main__":
