@@ -14,6 +14,7 @@ from memory: this measures the model and the engine, `data_throughput.py` the lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -74,7 +75,8 @@ def plain_loop(cfg, pair, precision: str, steps: int, warmup: int) -> dict:
     parts = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     with autocast:
         flops = count_flops(learner, pair)
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps):
         t0 = time.perf_counter()
         with autocast:
@@ -113,16 +115,16 @@ def deepspeed_loop(cfg, pair, precision: str, zero: int, steps: int, warmup: int
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(verbose=False)
-    cfg.train.zero_stage = zero
-    cfg.train.batch_size = len(pair[0])
+    train = dataclasses.replace(cfg.train, zero_stage=zero, batch_size=len(pair[0]))
     learner = build_learner(cfg.model, cfg.loss)
     trainable = [p for p in learner.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
-        model=learner, model_parameters=trainable, config=deepspeed_config(cfg.train, 1, precision)
+        model=learner, model_parameters=trainable, config=deepspeed_config(train, 1, precision)
     )
     dtype, _ = engine.get_data_types()
     inputs = [image.to(engine.device, dtype) for image in pair]
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps):
         if step == warmup:
             sync()

@@ -118,7 +118,8 @@ def test_local_paths_are_made_absolute(tmp_path, monkeypatch):
 
 def test_a_local_copy_holds_the_checkpoint_and_a_downloaded_one_is_deleted_afterwards(store):
     path = write_checkpoint(store, step=7)
-    with local_copy(store.uri(path), store.endpoint_url) as folder:
+    with local_copy(store.uri(path), store.endpoint_url) as (folder, checkpoint):
+        assert checkpoint.step == 7
         assert (folder / "engine" / "weights.pt").read_bytes() == b"w" * 7
         copied = folder
     is_local = isinstance(store.filesystem, pafs.LocalFileSystem)

@@ -328,12 +328,14 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 f"model.preset: expected one of {sorted(MODEL_PRESETS)}, got {preset!r}"
             )
         raw["model"] = {**MODEL_PRESETS[preset], **model_raw}
-    config = _build(Config, raw, "")
+    config = build_section(Config, raw, "")
     config.validate()
     return config
 
 
-def _build(cls: type, raw: Any, path: str) -> Any:
+def build_section(cls: type, raw: Any, path: str) -> Any:
+    """A config dataclass `cls` from `raw`, every field coerced and checked; errors name the
+    field as `path.field` (other typed configs, such as the sweep's, are built the same way)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -349,7 +351,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         dotted = f"{path}.{name}" if path else name
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value, dotted)
+            values[name] = build_section(kind, value, dotted)
         else:
             values[name] = _coerce(kind, value, dotted)
             _check_range(known[name], values[name], dotted)

@@ -115,11 +115,6 @@ def landmark_regression(
     )
 
 
-def to_pixels(points: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Normalised [-1, 1] coordinates (the models' and loaders') -> pixels of the image."""
-    return (points.float() + 1) * image_size / 2
-
-
 def _design(points: torch.Tensor, bias: bool) -> torch.Tensor:
     x = points.flatten(1)
     return torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if bias else x

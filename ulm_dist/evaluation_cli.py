@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from ulm_dist.config import DataConfig
 from ulm_dist.data import S3AccessError, ShardSet, make_annotated_loader, resolve_shards
-from ulm_dist.evaluate import NORMALISERS, RegressionReport, landmark_regression, to_pixels
+from ulm_dist.evaluate import NORMALISERS, RegressionReport, landmark_regression
+from ulm_dist.models.landmarks import to_pixels
 from ulm_dist.report import evaluation_sheets
 from ulm_dist.store import S3_SCHEME, StorageError
 from ulm_dist.trained import TrainedModel, load_trained
@@ -232,7 +233,7 @@ def detect(
             keep = len(batch["image"]) if max_images is None else max_images - count
             images = batch["image"][:keep]
             skipped += int(batch["skipped"])
-            discovered.append(to_pixels(trained.learner.landmarks(images), size))
+            discovered.append(to_pixels(trained.learner.landmarks(images).float(), size))
             annotated.append(to_pixels(batch["landmarks"][:keep], size))
             shown.append(images[: max(0, SHOWN_IMAGES - count)])
             count += len(images)

@@ -167,17 +167,19 @@ def open_checkpoint(uri: str, endpoint_url: str | None = None) -> StoredCheckpoi
 
 
 @contextmanager
-def local_copy(uri: str, endpoint_url: str | None = None) -> Iterator[Path]:
-    """A local folder holding the checkpoint at `uri`: the folder itself when it is local,
-    else a temporary download, deleted on exit."""
+def local_copy(
+    uri: str, endpoint_url: str | None = None
+) -> Iterator[tuple[Path, StoredCheckpoint]]:
+    """The complete checkpoint at `uri` (see `open_checkpoint`) and a local folder holding it:
+    the folder itself when it is local, else a temporary download, deleted on exit."""
     checkpoint = open_checkpoint(uri, endpoint_url)
     filesystem, _ = open_filesystem(uri, endpoint_url)
     if isinstance(filesystem, pafs.LocalFileSystem):
-        yield Path(checkpoint.path)
+        yield Path(checkpoint.path), checkpoint
         return
     with tempfile.TemporaryDirectory(prefix="ulm_checkpoint_") as scratch:
         _copy_to_local(filesystem, checkpoint.path, Path(scratch))
-        yield Path(scratch)
+        yield Path(scratch), checkpoint
 
 
 def _copy_to_local(filesystem: pafs.FileSystem, path: str, destination: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ulm_dist.config import Config, ConfigError, _build, load_config, option
+from ulm_dist.config import Config, ConfigError, build_section, load_config, option
 
 # Fields the sweep sets for every trial itself: each trial is its own run in the sweep's folders.
 SWEEP_OWNED = ("train.run_name", "train.storage", "train.log_dir", "train.resume")
@@ -158,7 +158,7 @@ def sweep_config_from_dict(raw: dict[str, Any]) -> SweepConfig:
     raw = dict(raw)
     space = raw.pop("space", None)
     # The space maps training config paths to parameters, which the generic builder cannot type.
-    sweep = _build(SweepConfig, raw, "")
+    sweep = build_section(SweepConfig, raw, "")
     sweep.space = parse_space(space)
     sweep.validate()
     return sweep

@@ -16,7 +16,7 @@ from torch import nn
 from ulm_dist.config import Config, config_from_dict
 from ulm_dist.engine import read_learner_weights
 from ulm_dist.models import build_learner
-from ulm_dist.store import StorageError, local_copy, open_checkpoint
+from ulm_dist.store import StorageError, local_copy
 
 # Written by `loop.save_checkpoint` beside the engine state.
 TRAIN_STATE_NAME = "train_state.json"
@@ -35,8 +35,7 @@ def load_trained(uri: str, s3_endpoint_url: str | None = None) -> TrainedModel:
     """Build the learner a checkpoint was trained as and load its weights (ZeRO shards are
     gathered; bf16/fp16 runs give their fp32 master weights). A StorageError says what is
     wrong with a path that is not a complete checkpoint."""
-    checkpoint = open_checkpoint(uri, s3_endpoint_url)
-    with local_copy(uri, s3_endpoint_url) as folder:
+    with local_copy(uri, s3_endpoint_url) as (folder, checkpoint):
         state_file = folder / TRAIN_STATE_NAME
         if not state_file.exists():
             raise StorageError(

@@ -22,7 +22,8 @@ from torch import nn
 
 from ulm_dist.config import DataConfig
 from ulm_dist.data import ShardSet, make_annotated_loader
-from ulm_dist.evaluate import landmark_regression, to_pixels
+from ulm_dist.evaluate import landmark_regression
+from ulm_dist.models.landmarks import to_pixels
 from ulm_dist.report import evaluation_sheets
 
 # TensorBoard tag -> file name in the checkpoint folder (see `train.RunReporter`).
@@ -80,7 +81,7 @@ def validate(
     with torch.no_grad():
         discovered = torch.cat(
             [
-                to_pixels(learner.landmarks(chunk.to(device, dtype)).cpu(), size)
+                to_pixels(learner.landmarks(chunk.to(device, dtype)).float().cpu(), size)
                 for chunk in val.images.split(BATCH_SIZE)
             ]
         )
