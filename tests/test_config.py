@@ -37,7 +37,7 @@ def test_overrides_parse_yaml_values():
         (["model.num_landmark=5"], r"unknown config key model.num_landmark"),
         (["modle.num_landmarks=5"], r"unknown config key modle"),
         (["model.preset=huge"], r"model.preset: expected one of \['paper', 'tiny'\]"),
-        (["model.name=gan"], r"model.name: expected one of \['cycle', 'imm'\], got 'gan'"),
+        (["model.name=gan"], r"model.name: expected one of \['cycle', 'imm', 'part'\], got 'gan'"),
         (["model.heatmap_std=wide"], r"model.heatmap_std: expected float, got 'wide'"),
         (["model.image_size=30"], r"model.image_size: 30 is not divisible by 4"),
         (["model.flow_kernel=4"], r"model.flow_kernel: expected an odd size"),

@@ -33,10 +33,11 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
 
 @dataclass
 class ModelConfig:
-    name: Literal["cycle", "imm"] = option(
+    name: Literal["cycle", "imm", "part"] = option(
         "cycle",
-        "which landmark learner to train: cycle (Xu et al. 2020, unpaired pairs) or imm "
-        "(Jakab et al. 2018, conditional generation; needs data.pairs=warped)",
+        "which landmark learner to train: cycle (Xu et al. 2020, unpaired pairs), imm "
+        "(Jakab et al. 2018, conditional generation) or part (Lorenz et al. 2019, shape and "
+        "appearance of parts); imm and part need data.pairs=warped",
     )
     preset: Literal["tiny", "paper"] = option(
         "tiny", "size family: tiny (32px, narrow; CPU) or paper (128px, Jakab et al. widths)"
@@ -87,11 +88,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class LossConfig:
     lambda_cycle: float = option(1.0, "weight of the perceptual cycle loss L_cycle", min=0)
     lambda_inv: float = option(1.0, "weight of the pose invariance loss L_inv", min=0)
-    lambda_equiv: float = option(1.0, "weight of the flow equivariance loss L_equiv", min=0)
+    lambda_equiv: float = option(
+        1.0,
+        "weight of the equivariance loss L_equiv: of the flow (cycle), of the part means under "
+        "random similarities (part; Lorenz et al. use 5 to lambda_recon's 1)",
+        min=0,
+    )
     lambda_recon: float = option(
         1.0,
-        "weight of the self-reconstruction P(I, D(a, p)) that bootstraps the bottleneck "
-        "(not in Xu et al.; 0 gives their loss exactly, see models/cycle.py)",
+        "weight of the reconstruction loss; for cycle the self-reconstruction P(I, D(a, p)) "
+        "that bootstraps the bottleneck (not in Xu et al.; 0 gives their loss exactly, see "
+        "models/cycle.py)",
         min=0,
     )
     consistency_warmup: int = option(
@@ -286,10 +293,10 @@ class Config:
             value = getattr(self, section.name)
             if hasattr(value, "validate"):
                 value.validate()
-        if self.model.name == "imm" and self.data.pairs != "warped":
+        if self.model.name in ("imm", "part") and self.data.pairs != "warped":
             raise ConfigError(
-                "data.pairs: model.name=imm learns from an image and a warped copy of it; "
-                f"set data.pairs=warped (got {self.data.pairs})"
+                f"data.pairs: model.name={self.model.name} learns from an image and a warped "
+                f"copy of it; set data.pairs=warped (got {self.data.pairs})"
             )
 
     def to_dict(self) -> dict[str, Any]:

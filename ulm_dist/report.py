@@ -129,7 +129,9 @@ def evaluation_sheets(
     annotated: torch.Tensor,
 ) -> dict[str, Image.Image]:
     """The pictures of an evaluation, by name: the regression sheet of `images` and the cycle
-    sheet of pairs of them (first half with second half; an image with itself if only one).
+    sheet of pairs of them (first half with second half; an image with itself if only one),
+    or for the other learners (imm, part), whose forward(source, target) redraws the target
+    from the source, their generation sheet of those pairs.
 
     `images` (B, 3, S, S) in the model's device and dtype; points in pixels, on the CPU.
     """
@@ -147,7 +149,9 @@ def generation_sheet(
     model, source: torch.Tensor, target: torch.Tensor, scale: int = 4
 ) -> Image.Image:
     """One row per pair, for conditional generation: the source, the target with its
-    landmarks, and the source redrawn in the target's landmarks (`ConditionalGenerationModel`)."""
+    landmarks, and the source redrawn in the target's landmarks: from its feature map
+    (`ConditionalGenerationModel`) or its part appearances (`PartModel`, a shape/appearance
+    swap)."""
     with torch.no_grad():
         out = model(source, target)
     size = source.shape[-1]

@@ -7,15 +7,18 @@ from torch import nn
 from ulm_dist.config import LossConfig, ModelConfig
 from ulm_dist.models.cycle import CycleConsistencyModel, CycleLearner
 from ulm_dist.models.imm import ConditionalGenerationLearner, ConditionalGenerationModel
+from ulm_dist.models.part import PartLearner, PartModel
 
 __all__ = [
     "ConditionalGenerationLearner",
     "ConditionalGenerationModel",
     "CycleConsistencyModel",
     "CycleLearner",
+    "PartLearner",
+    "PartModel",
     "build_learner",
 ]
-LEARNERS = {"cycle": CycleLearner, "imm": ConditionalGenerationLearner}
+LEARNERS = {"cycle": CycleLearner, "imm": ConditionalGenerationLearner, "part": PartLearner}
 
 
 def build_learner(model: ModelConfig, loss: LossConfig) -> nn.Module:

@@ -34,13 +34,7 @@ from torch import nn
 from ulm_dist.config import LossConfig, ModelConfig
 from ulm_dist.losses import equivariance_loss, invariance_loss, perceptual_distances
 from ulm_dist.models.flow import CrossImageFlow, transform_points
-from ulm_dist.models.landmarks import render_gaussian_heatmaps
-from ulm_dist.models.networks import (
-    AppearanceEncoder,
-    HeatmapDecoder,
-    PoseEncoder,
-    paint_parts,
-)
+from ulm_dist.models.networks import PartAutoencoder
 from ulm_dist.models.perceptual import perceptual_network
 
 
@@ -56,33 +50,12 @@ class CycleOutputs:
     flows: tuple[torch.Tensor, torch.Tensor]  # T^{i->j}, T^{j->i}: (B, 2, h, w)
 
 
-class CycleConsistencyModel(nn.Module):
+class CycleConsistencyModel(PartAutoencoder):
+    """The part autoencoder (`encode`, `decode`, `landmarks`) plus the cross-image flow."""
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.heatmap_std = config.heatmap_std
-        self.pose_encoder = PoseEncoder(config.channels, config.num_landmarks, config.flow_channels)
-        self.appearance_encoder = AppearanceEncoder(config.channels, config.appearance_dim)
-        self.decoder = HeatmapDecoder(
-            config.channels, config.num_landmarks, 2 * config.appearance_dim, config.heatmap_std
-        )
-        self.coarse_size = config.image_size // 2 ** (len(config.channels) - 1)
+        super().__init__(config, config.flow_channels)
         self.flow = CrossImageFlow(config.flow_kernel, config.flow_temperature)
-
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns landmarks (B, K, 2), appearance (B, K + 1, D) and matching features."""
-        landmarks, features = self.pose_encoder(images)
-        size = features.shape[-1]
-        heatmaps = render_gaussian_heatmaps(landmarks, size, self.heatmap_std)
-        return landmarks, self.appearance_encoder(images, heatmaps), features
-
-    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
-        """The detector alone: images (B, 3, S, S) in [0, 1] -> landmarks (B, K, 2) in [-1, 1]."""
-        return self.pose_encoder(images)[0]
-
-    def decode(self, appearance: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """D(a, p): appearance (B, K + 1, D) painted at landmarks (B, K, 2) -> images."""
-        painted = paint_parts(appearance, landmarks, self.coarse_size, self.heatmap_std)
-        return self.decoder(painted, landmarks)
 
     def forward(self, image_i: torch.Tensor, image_j: torch.Tensor) -> CycleOutputs:
         n = image_i.shape[0]

@@ -1,4 +1,5 @@
-"""Convolutional parts shared by the landmark learners: encoders and the heatmap decoder.
+"""Convolutional parts shared by the landmark learners: encoders, the heatmap decoder and the
+part autoencoder built from them.
 
 GroupNorm rather than BatchNorm everywhere, so that an image's outputs never depend on the
 other images in its batch: evaluation, the pair-swap symmetry and data-parallel training
@@ -8,11 +9,13 @@ with small per-worker batches all behave the same.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ulm_dist.config import ModelConfig
 from ulm_dist.models.landmarks import render_gaussian_heatmaps, spatial_softmax
 
 
@@ -128,3 +131,42 @@ class HeatmapDecoder(nn.Module):
             heatmaps = render_gaussian_heatmaps(landmarks, x.shape[-1], self.std)
             x = stage(torch.cat([x, heatmaps], dim=1))
         return torch.sigmoid(self.to_rgb(x))
+
+
+class PartAutoencoder(nn.Module):
+    """Shape and appearance of K parts, and an image drawn from both (Lorenz et al. 2019):
+    E_p gives the part means, E_a pools one code per part under the part's Gaussian (plus a
+    background code), and D paints each code at its part and decodes. The cycle and part
+    learners build on it, so their networks, and their state-dict keys, are the same.
+    """
+
+    def __init__(self, config: ModelConfig, flow_channels: int):
+        super().__init__()
+        self.heatmap_std = config.heatmap_std
+        self.pose_encoder = PoseEncoder(config.channels, config.num_landmarks, flow_channels)
+        self.appearance_encoder = AppearanceEncoder(config.channels, config.appearance_dim)
+        self.decoder = HeatmapDecoder(
+            config.channels, config.num_landmarks, 2 * config.appearance_dim, config.heatmap_std
+        )
+        self.stride = 2 ** (len(config.channels) - 1)
+        self.coarse_size = config.image_size // self.stride
+
+    def encode(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns landmarks (B, K, 2), appearance (B, K + 1, D) and the pose encoder's
+        matching features (None without a flow head)."""
+        landmarks, features = self.pose_encoder(images)
+        # The trunks' output size: each stride-2, padding-1 stage rounds a half up.
+        size = math.ceil(images.shape[-1] / self.stride)
+        heatmaps = render_gaussian_heatmaps(landmarks, size, self.heatmap_std)
+        return landmarks, self.appearance_encoder(images, heatmaps), features
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        """The detector alone: images (B, 3, S, S) in [0, 1] -> landmarks (B, K, 2) in [-1, 1]."""
+        return self.pose_encoder(images)[0]
+
+    def decode(self, appearance: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """D(a, p): appearance (B, K + 1, D) painted at landmarks (B, K, 2) -> images."""
+        painted = paint_parts(appearance, landmarks, self.coarse_size, self.heatmap_std)
+        return self.decoder(painted, landmarks)
