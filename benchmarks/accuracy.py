@@ -3,6 +3,8 @@ loop, then run the landmark-regression protocol and print the error beside the m
 baseline. Not a test: it prints numbers (and writes JSON and PNG sheets to --out).
 
     .venv/bin/python benchmarks/accuracy.py --data synthetic --steps 2000 [key=value ...]
+    .venv/bin/python benchmarks/accuracy.py --learners cycle imm part --steps 300 \
+        loss.perceptual_layers=[pixels]       # the three learners, equal budget, one table
     .venv/bin/python benchmarks/accuracy.py --data faces68 --minutes 5 --device cuda \
         model.preset=paper model.image_size=128
 
@@ -101,11 +103,28 @@ def evaluate(learner, fit: Split, test: Split, layout: LandmarkLayout, size: int
     return report, fit_points, test_points
 
 
+# Each learner with the settings of its paper, so that `--learners` compares methods rather
+# than one set of loss weights: imm and part learn from an image and its warp, and Lorenz et
+# al. weigh the part-mean equivariance 5 to reconstruction 1.
+LEARNER_SETTINGS = {
+    "cycle": [],
+    "imm": ["model.name=imm", "data.pairs=warped"],
+    "part": ["model.name=part", "data.pairs=warped", "loss.lambda_equiv=5"],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["synthetic", "faces68"], default="synthetic")
     parser.add_argument("--faces", type=Path, default=FACES)
     parser.add_argument("--config", help="job YAML whose model/loss/train settings to use")
+    parser.add_argument(
+        "--learners",
+        nargs="+",
+        choices=sorted(LEARNER_SETTINGS),
+        help="train each of these with its paper's settings and the same budget, then print "
+        "one comparison table (the overrides apply to all)",
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, help="stop after this much training time")
     parser.add_argument("--eval-every", type=int, default=500)
@@ -118,8 +137,31 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.learners:
+        train_and_score(args, load_config(args.config, args.overrides), args.out)
+        return
+    rows = []
+    for name in args.learners:
+        cfg = load_config(args.config, [*LEARNER_SETTINGS[name], *args.overrides])
+        summary = train_and_score(args, cfg, args.out / name)
+        rows.append({"learner": name, **{k: summary[k] for k in COMPARED}})
+    (args.out / "comparison.json").write_text(json.dumps(rows, indent=1))
+    print(comparison_table(rows))
 
-    cfg = load_config(args.config, args.overrides)
+
+COMPARED = ("steps", "train_minutes", "pairs_per_s", "landmark_error", "mean_shape_error")
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """A Markdown table, one row per learner, ready for BENCHMARKS.md."""
+    lines = ["| learner | " + " | ".join(COMPARED) + " |", "|---" * (len(COMPARED) + 1) + "|"]
+    lines += ["| " + " | ".join(str(row[k]) for k in ("learner", *COMPARED)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def train_and_score(args, cfg, out: Path) -> dict:
+    """Trains one learner in memory for the budget in `args`, then writes its results to
+    `out` and returns their summary."""
     size, batch = cfg.model.image_size, cfg.train.batch_size
     device = torch.device(args.device)
     if args.data == "synthetic":
@@ -162,13 +204,24 @@ def main() -> None:
             f"(mean shape {report.baseline_error:.2f}%), {step * batch / trained_s:.1f} pairs/s",
             flush=True,
         )
-    write_results(args, cfg, learner, fit, test, report, fit_points, test_points, history)
+    return write_results(
+        args, cfg, out, learner, fit, test, report, fit_points, test_points, history
+    )
 
 
 def write_results(
-    args, cfg, learner, fit, test, report: RegressionReport, fit_points, test_points, history
-) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+    args,
+    cfg,
+    out: Path,
+    learner,
+    fit,
+    test,
+    report: RegressionReport,
+    fit_points,
+    test_points,
+    history,
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     last = history[-1]
     summary = {
         "data": args.data,
@@ -183,7 +236,7 @@ def write_results(
         "config": cfg.to_dict(),
         "history": history,
     }
-    (args.out / "accuracy.json").write_text(json.dumps(summary, indent=1))
+    (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}))
     shown = torch.arange(min(8, len(test)))
     learner.eval()
@@ -195,7 +248,8 @@ def write_results(
         test.landmarks[shown],
     )
     for name, sheet in sheets.items():
-        sheet.save(args.out / f"{name}.png")
+        sheet.save(out / f"{name}.png")
+    return summary
 
 
 if __name__ == "__main__":

@@ -88,18 +88,25 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class LossConfig:
     lambda_cycle: float = option(1.0, "weight of the perceptual cycle loss L_cycle", min=0)
     lambda_inv: float = option(1.0, "weight of the pose invariance loss L_inv", min=0)
-    lambda_equiv: float = option(
-        1.0,
-        "weight of the equivariance loss L_equiv: of the flow (cycle), of the part means under "
-        "random similarities (part; Lorenz et al. use 5 to lambda_recon's 1)",
-        min=0,
-    )
+    lambda_equiv: float = option(1.0, "weight of the flow equivariance loss L_equiv", min=0)
     lambda_recon: float = option(
         1.0,
         "weight of the reconstruction loss; for cycle the self-reconstruction P(I, D(a, p)) "
         "that bootstraps the bottleneck (not in Xu et al.; 0 gives their loss exactly, see "
         "models/cycle.py)",
         min=0,
+    )
+    lambda_transform: float = option(
+        5.0,
+        "weight of the equivariance under random similarities |E_p(S(x)) - S(E_p(x))|^2, "
+        "every learner (Lorenz et al.'s 5 to reconstruction's 1; see models/priors.py)",
+        min=0,
+    )
+    lambda_separation: float = option(
+        1.0, "weight of the prior that keeps landmarks apart (see models/priors.py)", min=0
+    )
+    separation_std: float = option(
+        0.15, "distance scale of the separation prior, in normalised [-1, 1] units", min=1e-3
     )
     consistency_warmup: int = option(
         500,

@@ -67,7 +67,6 @@ def test_rendered_parts_sit_at_their_landmarks():
         parts=parts,
         fur=dataclasses.replace(scene.fur, strength=np.zeros(count, np.float32)),
         background=np.tile(green, (count, 2, 1)),
-        clutter=(),
         light=np.zeros((count, 2), np.float32),
     )
     grid = warps.pixel_centres(size).astype(np.float32)

@@ -34,7 +34,9 @@ def blobs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def test_swapping_the_pair_swaps_every_output():
-    learner = small_learner()
+    # Without the transform prior: it draws a random similarity per image, so the two calls
+    # would compare different draws.
+    learner = small_learner("loss.lambda_transform=0")
     a, b = blobs(3, seed=1), blobs(3, seed=2)
     with torch.no_grad():
         ab, ba = learner.model(a, b), learner.model(b, a)
@@ -87,14 +89,27 @@ def test_loss_weights_scale_their_terms():
             "loss.lambda_inv=0",
             "loss.lambda_equiv=3",
             "loss.lambda_recon=0.5",
+            "loss.lambda_transform=2",
+            "loss.lambda_separation=4",
         )(a, b)
-    expected = 2 * base["cycle"] + 3 * base["equiv"] + 0.5 * base["recon"]
+    # Both learners draw the same random similarities: each is built right after manual_seed.
+    expected = (
+        2 * base["cycle"]
+        + 3 * base["equiv"]
+        + 0.5 * base["recon"]
+        + 2 * base["transform"]
+        + 4 * base["sep"]
+    )
     assert weighted["total"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_consistency_terms_ramp_up_over_the_warmup_in_training_only():
     learner = small_learner(
-        "loss.consistency_warmup=4", "loss.lambda_cycle=0", "loss.lambda_recon=0"
+        "loss.consistency_warmup=4",
+        "loss.lambda_cycle=0",
+        "loss.lambda_recon=0",
+        "loss.lambda_transform=0",
+        "loss.lambda_separation=0",
     )
     a, b = blobs(2, seed=11), blobs(2, seed=12)
     with torch.no_grad():

@@ -2,8 +2,17 @@
 
 Each image shows one creature (head, two ears, two eyes with irises, a nose, a mouth) with
 random part shapes, colours and a striped fur texture, posed by a random similarity + TPS
-warp (`warps.py`) over a cluttered background under a lighting gradient. Nothing but
-geometry identifies a landmark: colours, textures and clutter change from image to image.
+warp (`warps.py`) over a two-colour background under a lighting gradient. Nothing but
+geometry identifies a landmark: colours and textures change from image to image.
+
+Version 1 also scattered four random ellipses over the background, and moved the creature
+less (shifts of 0.08 half-widths, at 0.85 of the frame rather than 0.75). Every learner
+rebuilds its images from the landmarks and a few appearance codes, and clutter is neither:
+it only added reconstruction error the landmarks were pulled towards. After 100 CPU steps of
+the part learner (pixel loss) the landmark error was 41.5% of the inter-ocular distance with
+clutter and 35.8% without, against a mean shape of 44.1%. The larger pose makes where the
+creature is, and how it is turned, the dominant variation to find, as in uncropped
+photographs.
 
 The ten landmarks keep their meaning in every image (`LANDMARK_NAMES`, "left" = image-left in
 the canonical pose), so a linear regressor from learned points to them is well defined;
@@ -38,16 +47,16 @@ SYNTHETIC_LAYOUT = LandmarkLayout(
     eye_left=(0,), eye_right=(1,), flip_permutation=(1, 0, 2, 4, 3, 6, 5, 7, 9, 8)
 )
 # Bump when a change alters the images a seed produces, so that caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
-# Pose of the creature: object scale around 0.85 of the frame, moderate rotation and a TPS
+# Pose of the creature: object scale around 0.75 of the frame, moderate rotation and a TPS
 # strong enough to bend parts relative to each other but never fold the image.
 _POSE = {
     "rotation_deg": 15.0,
     "scale_std": 0.12,
-    "translation_std": 0.08,
+    "translation_std": 0.12,
     "tps_std": 0.05,
-    "base_scale": 0.85,
+    "base_scale": 0.75,
 }
 # Images posed together by one BLAS product (bounds their coordinates to ~32 MB).
 _PIXELS_PER_BLOCK = 2**22
@@ -86,7 +95,6 @@ class _Scene:
     fur: _Fur
     gradient: np.ndarray  # (N, 2): direction of the background's colour gradient
     background: np.ndarray  # (N, 2, 3): the gradient's end colours
-    clutter: tuple[Ellipses, ...]
     light: np.ndarray  # (N, 2): slope of the multiplicative lighting gradient
 
 
@@ -135,7 +143,7 @@ def _render(
     # One output pixel spans 2 / (size * scale) canonical units: the width of the soft edges.
     pixel = 2.0 / (size * scene.pose.scale)
 
-    image = _background(scene, grid, 2.0 / size)
+    image = _background(scene, grid)
     for name, part in scene.parts:
         mask = _ellipse_mask(x, y, part, pixel)
         colour = _fur(x, y, scene.fur, part.colour) if name == "head" else part.colour[..., None]
@@ -211,10 +219,6 @@ def _sample_scene(rng: np.random.Generator, count: int) -> _Scene:
     )
     gradient = rng.normal(size=(count, 2)).astype(np.float32)
     gradient /= np.linalg.norm(gradient, axis=1, keepdims=True) + 1e-6
-    clutter = tuple(
-        Ellipses(uniform(-1, 1, (2,)), uniform(0.05, 0.3, (2,)), None, uniform(0, 1, (3,)))
-        for _ in range(4)
-    )
     return _Scene(
         pose=warp_lib.sample_warps(rng, count, **_POSE),
         parts=tuple(parts),
@@ -227,7 +231,6 @@ def _sample_scene(rng: np.random.Generator, count: int) -> _Scene:
         ),
         gradient=gradient,
         background=uniform(0, 1, (2, 3)),
-        clutter=clutter,
         # At most 0.35 brighter or darker at the corners: enough to defeat colour matching.
         light=uniform(-0.175, 0.175, (2,)),
     )
@@ -261,16 +264,11 @@ def _fur(x: np.ndarray, y: np.ndarray, fur: _Fur, colour: np.ndarray) -> np.ndar
     return colour[..., None] + (fur.second_colour - colour)[..., None] * mix[:, None]
 
 
-def _background(scene: _Scene, grid: np.ndarray, pixel: float) -> np.ndarray:
-    """A two-colour gradient with a few ellipses of clutter (N, 3, P), in image coordinates."""
+def _background(scene: _Scene, grid: np.ndarray) -> np.ndarray:
+    """A two-colour gradient (N, 3, P), in image coordinates."""
     along = np.clip(0.5 + 0.5 * _linear(scene.gradient, grid), 0, 1)[:, None]
     first, second = scene.background[:, 0, :, None], scene.background[:, 1, :, None]
-    image = first + along * (second - first)
-    x, y = (np.broadcast_to(axis, (len(image), len(axis))) for axis in grid.T)
-    edge = np.full(len(image), pixel, np.float32)
-    for clutter in scene.clutter:
-        image += _ellipse_mask(x, y, clutter, edge) * (clutter.colour[..., None] - image)
-    return image
+    return first + along * (second - first)
 
 
 def _linear(slopes: np.ndarray, grid: np.ndarray) -> np.ndarray:

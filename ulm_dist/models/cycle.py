@@ -22,6 +22,10 @@ with both at full weight from step 0 kept every landmark constant (spread 0.002)
 steps, where without them the landmarks spread out (0.22). Their weights therefore ramp up
 linearly over `loss.consistency_warmup` training forward passes, counted in a buffer so
 that a resumed run continues the ramp where it stopped.
+
+The learner also adds the priors every learner shares (`priors.py`): equivariance under
+random similarities, which unlike L_equiv needs no flow and so pulls the landmarks onto the
+object from the first step, and a separation prior.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ulm_dist.losses import equivariance_loss, invariance_loss, perceptual_dista
 from ulm_dist.models.flow import CrossImageFlow, transform_points
 from ulm_dist.models.networks import PartAutoencoder
 from ulm_dist.models.perceptual import perceptual_network
+from ulm_dist.models.priors import landmark_priors, prior_weights
 
 
 @dataclass
@@ -95,12 +100,14 @@ class CycleLearner(nn.Module):
         self.vgg = perceptual_network(loss_config)
         self.compare_pixels = "pixels" in loss_config.perceptual_layers
         self.consistency_warmup = loss_config.consistency_warmup
+        self.loss_config = loss_config
         self.register_buffer("forward_passes", torch.zeros((), dtype=torch.long))
         self.weights = {
             "cycle": loss_config.lambda_cycle,
             "inv": loss_config.lambda_inv,
             "equiv": loss_config.lambda_equiv,
             "recon": loss_config.lambda_recon,
+            **prior_weights(loss_config),
         }
 
     def landmarks(self, images: torch.Tensor) -> torch.Tensor:
@@ -125,6 +132,12 @@ class CycleLearner(nn.Module):
             "inv": invariance_loss(out.landmarks, out.landmarks_again),
             "equiv": equivariance_loss(out.landmarks, carried),
             "recon": recon_i + recon_j,
+            **landmark_priors(
+                self.model.landmarks,
+                torch.cat([image_i, image_j]),
+                torch.cat(out.landmarks),
+                self.loss_config,
+            ),
         }
         weights = dict(self.weights)
         if self.training:

@@ -23,6 +23,7 @@ from ulm_dist.config import LossConfig, ModelConfig
 from ulm_dist.losses import perceptual_distances
 from ulm_dist.models.networks import Encoder, HeatmapDecoder, PoseEncoder
 from ulm_dist.models.perceptual import perceptual_network
+from ulm_dist.models.priors import landmark_priors, prior_weights
 
 
 @dataclass
@@ -49,19 +50,27 @@ class ConditionalGenerationModel(nn.Module):
 
 
 class ConditionalGenerationLearner(nn.Module):
-    """`forward(image, warped)` returns {"recon", "total"}: P(warped, D(E_a(image), p'))."""
+    """`forward(image, warped)` returns {"recon", "total"} and the priors' scalars (on the
+    target's landmarks); recon is P(warped, D(E_a(image), p'))."""
 
     def __init__(self, model_config: ModelConfig, loss_config: LossConfig):
         super().__init__()
         self.model = ConditionalGenerationModel(model_config)
         self.vgg = perceptual_network(loss_config)
         self.compare_pixels = "pixels" in loss_config.perceptual_layers
-        self.weight = loss_config.lambda_recon
+        self.loss_config = loss_config
+        self.weights = {"recon": loss_config.lambda_recon, **prior_weights(loss_config)}
 
     def landmarks(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.landmarks(images)
 
     def forward(self, image: torch.Tensor, warped: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(image, warped)
-        recon = perceptual_distances(warped, out.generated, self.vgg, self.compare_pixels).mean()
-        return {"recon": recon, "total": self.weight * recon}
+        losses = {
+            "recon": perceptual_distances(
+                warped, out.generated, self.vgg, self.compare_pixels
+            ).mean(),
+            **landmark_priors(self.model.landmarks, warped, out.landmarks, self.loss_config),
+        }
+        losses["total"] = sum(self.weights[name] * value for name, value in losses.items())
+        return losses
