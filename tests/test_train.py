@@ -129,3 +129,33 @@ def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp
             torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
         steps = [record["step"] for record in metric_records(log_dir, run_name)]
         assert steps == ([3, 6] if run_name == "interrupted" else [6])
+
+
+@pytest.mark.parametrize("learner_name", ["imm", "part"])
+def test_the_other_learners_train_through_the_same_driver(
+    learner_name, common_args, log_dir, tmp_path
+):
+    run_name = f"learner_{learner_name}"
+    args = [
+        *common_args,
+        f"model.name={learner_name}",
+        "data.pairs=warped",
+        f"train.storage={tmp_path / 'runs'}",
+        f"train.run_name={run_name}",
+        "train.zero_stage=3",
+        "train.steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.eval_every=4",
+    ]
+    assert main(args) == 0
+
+    records = metric_records(log_dir, run_name)
+    assert [record["step"] for record in records] == [2, 4]
+    # The learner's own term and the shared priors, averaged over both workers.
+    assert {"loss/recon", "loss/transform", "loss/sep", "loss/total"} <= records[-1].keys()
+    assert "val/landmark_error" in records[-1]
+    cfg = load_config(None, args)
+    learner = build_learner(cfg.model, cfg.loss)
+    learner.load_state_dict(final_weights(CheckpointStore(cfg.train.storage, run_name), tmp_path))
+    assert learner.landmarks(torch.rand(2, 3, 16, 16)).shape == (2, 4, 2)

@@ -6,7 +6,7 @@
 
 The folder holds:
     detector.pt2     the pose encoder as a `torch.export` program: images -> landmarks in [-1, 1]
-    model.pt         the state dict of the whole CycleConsistencyModel (torch.save), to fine-tune
+    model.pt         the state dict of the whole model (`model.name`'s, torch.save), to fine-tune
     config.yaml      the run's resolved config
     metadata.json    source checkpoint, step, image size S, K, validation metrics
     regressor.json   optional: the linear map from the K discovered to L annotated landmarks

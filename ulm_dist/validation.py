@@ -71,8 +71,9 @@ def load_validation_set(
 def validate(
     learner: nn.Module, val: ValidationSet, device: torch.device, dtype: torch.dtype
 ) -> tuple[dict[str, float], dict[str, bytes]]:
-    """The `val/` metrics and the pictures (PNG bytes by TensorBoard tag) of `learner` (a
-    `CycleLearner`) now. Every worker must call it at the same step (see the module doc)."""
+    """The `val/` metrics and the pictures (PNG bytes by TensorBoard tag) of `learner` (any
+    of `models.LEARNERS`) now. Every worker must call it at the same step (see the module
+    doc)."""
     size = val.images.shape[-1]
     fit = len(val.images) // 2
     shown = slice(fit, fit + SHOWN_IMAGES)
