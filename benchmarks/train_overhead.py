@@ -34,14 +34,25 @@ from ulm_dist.models import build_learner
 from ulm_dist.train import train
 
 
-def plain_loop_rates(cfg: Config, micro_batch: int, intervals: int, interval: int) -> list[float]:
+def plain_loop_rates(
+    cfg: Config,
+    micro_batch: int,
+    intervals: int,
+    interval: int,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> list[float]:
     """Pairs/s of a bare PyTorch loop (AdamW, gradient clipping, the same pair loader), one
-    value per interval after the warm-up interval."""
+    value per interval after the warm-up interval. bf16 is autocast, the plain-PyTorch way to
+    what DeepSpeed's bf16 does with bf16 weights and fp32 master copies."""
     torch.set_num_threads(1)
     seed_everything(cfg.train.seed)
-    learner = build_learner(cfg.model, cfg.loss)
+    learner = build_learner(cfg.model, cfg.loss).to(device)
     trainable = [parameter for parameter in learner.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    autocast = torch.autocast(
+        torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"
+    )
     shards = resolve_shards(cfg.data, cfg.data.train, "train", image_size=cfg.model.image_size)
     loader = make_pair_loader(
         cfg.data, shards, cfg.model.image_size, micro_batch, rank=0, world_size=1, seed=0
@@ -52,20 +63,24 @@ def plain_loop_rates(cfg: Config, micro_batch: int, intervals: int, interval: in
         started = time.perf_counter()
         for _ in range(interval):
             batch = next(batches)
-            losses = learner(batch["image_i"], batch["image_j"])
+            with autocast:
+                losses = learner(batch["image_i"].to(device), batch["image_j"].to(device))
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
             optimizer.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
         rates.append(interval * micro_batch / (time.perf_counter() - started))
     return rates[1:]
 
 
-def stack_rates(
+def stack_records(
     overrides: list[str], workers: int, micro_batch: int, intervals: int, interval: int
-) -> list[float]:
-    """Pairs/s of `ulm_dist.train` on `workers` workers (`micro_batch` pairs per worker and
-    step), one value per report after the first."""
+) -> list[dict]:
+    """The metrics records of `ulm_dist.train` on `workers` workers (`micro_batch` pairs per
+    worker and step), one per report of `interval` steps, the first (start-up: loader
+    workers, first batches) left out."""
     with tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(
             None,
@@ -83,8 +98,16 @@ def stack_rates(
         )
         train(cfg)
         records = MetricsLog(Path(scratch) / "logs" / cfg.train.run_name).records
-    # The first report covers start-up (loader workers, first batches): left out.
-    return [record["throughput/pairs_per_s"] for record in records[1:]]
+    return records[1:]
+
+
+def stack_rates(
+    overrides: list[str], workers: int, micro_batch: int, intervals: int, interval: int
+) -> list[float]:
+    """Pairs/s of `ulm_dist.train` on `workers` workers, one value per report after the
+    first."""
+    records = stack_records(overrides, workers, micro_batch, intervals, interval)
+    return [record["throughput/pairs_per_s"] for record in records]
 
 
 def summary(name: str, rates: list[float], reference: list[float] | None, unit: str) -> str:

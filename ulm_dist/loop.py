@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -267,12 +268,23 @@ class IntervalMeter:
                 "data/skipped": round(skipped),
             }
         )
-        if self.device.type == "cuda":
-            peak = torch.tensor(torch.cuda.max_memory_allocated(self.device), device=self.device)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            metrics["memory/gpu_peak_mb"] = peak.item() / 2**20
+        metrics.update(peak_memory_mib(self.device))
         self._reset()
         return metrics
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """The largest worker's peaks so far, in MiB (a collective): resident memory of the worker
+    process (its data-loader processes are not counted) and, on CUDA, the tensors allocated
+    on its GPU. Both come from counters the OS and the allocator keep, read at reports only."""
+    # ru_maxrss is in KiB on Linux.
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10]
+    if device.type == "cuda":
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    largest = torch.tensor(peaks, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    names = ("memory/peak_rss_mib", "memory/peak_gpu_mib")
+    return dict(zip(names, largest.tolist(), strict=False))
 
 
 def inject_fault_once(store: CheckpointStore, step: int, rank: int, world_size: int) -> None:

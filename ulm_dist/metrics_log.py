@@ -99,8 +99,8 @@ def progress_line(record: dict[str, Any], total_steps: int) -> str:
         )
     if record["data/skipped"]:
         parts.append(f"skipped {record['data/skipped']}")
-    if "memory/gpu_peak_mb" in record:
-        parts.append(f"GPU {record['memory/gpu_peak_mb']:.0f} MB")
+    if "memory/peak_gpu_mib" in record:
+        parts.append(f"GPU {record['memory/peak_gpu_mib']:.0f} MiB")
     parts.append(f"ETA {format_duration((total_steps - step) * step_time)}")
     return " | ".join(parts)
 

@@ -1,0 +1,36 @@
+"""The per-worker meter's run-wide metrics, in one process (a gloo group of one)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ulm_dist.data.s3_server import free_port
+from ulm_dist.loop import IntervalMeter
+
+
+@pytest.fixture
+def process_group():
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_report_has_losses_step_time_breakdown_and_peak_memory(process_group):
+    meter = IntervalMeter(torch.device("cpu"))
+    for loss in (1.0, 3.0):
+        meter.add_micro_batch(
+            {"total": torch.tensor(loss)}, pairs=4, skipped=1, data_wait=0.25, compute=0.5
+        )
+        meter.end_step()
+    metrics = meter.flush(world_size=1)
+
+    assert metrics["loss/total"] == 2.0
+    assert metrics["time/data_wait_s"] == 0.25
+    assert metrics["time/compute_s"] == 0.5
+    assert metrics["data/skipped"] == 2
+    assert metrics["throughput/pairs_per_s"] > 0
+    # This test process holds at least torch: tens of MiB, far from the KiB or byte units.
+    assert 20 < metrics["memory/peak_rss_mib"] < 100_000
+    assert "memory/peak_gpu_mib" not in metrics  # CPU worker
