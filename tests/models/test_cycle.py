@@ -1,36 +1,11 @@
+from functools import partial
+
 import pytest
 import torch
+from small_learners import blobs, gradient_coverage, loss_history
+from small_learners import small_learner as build_small_learner
 
-from ulm_dist.config import load_config
-from ulm_dist.models import build_learner
-from ulm_dist.models.cycle import CycleLearner
-
-SMALL = [
-    "model.channels=[8,16,32]",
-    "model.appearance_dim=16",
-    "model.flow_channels=16",
-    "loss.perceptual_layers=[pixels,relu1_2]",
-    "loss.consistency_warmup=0",
-]
-
-
-def small_learner(*overrides: str) -> CycleLearner:
-    torch.manual_seed(0)
-    config = load_config(None, [*SMALL, *overrides])
-    return build_learner(config.model, config.loss)
-
-
-def blobs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """Images of two coloured Gaussian blobs at random places: simple, but with geometry."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(n, 2, 2, generator=g) * 1.2 - 0.6
-    colours = torch.rand(n, 2, 3, generator=g)
-    grid = (2 * torch.arange(size) + 1) / size - 1
-    d2 = (grid.view(1, 1, 1, size) - centres[..., 0, None, None]) ** 2 + (
-        grid.view(1, 1, size, 1) - centres[..., 1, None, None]
-    ) ** 2
-    masks = torch.exp(-d2 / 0.05)  # (n, 2, size, size)
-    return (0.2 + torch.einsum("nbhw,nbc->nchw", masks, colours)).clamp(0, 1)
+small_learner = partial(build_small_learner, "cycle")
 
 
 def test_swapping_the_pair_swaps_every_output():
@@ -73,9 +48,8 @@ def test_cycle_uses_the_right_pose_for_each_reconstruction():
 def test_every_trainable_parameter_gets_a_gradient_and_vgg_stays_frozen():
     learner = small_learner()
     learner(blobs(4, seed=5), blobs(4, seed=6))["total"].backward()
-    trainable = {n: p for n, p in learner.named_parameters() if p.requires_grad}
+    trainable, no_grad = gradient_coverage(learner)
     assert trainable and all(n.startswith("model.") for n in trainable)
-    no_grad = [n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0]
     assert no_grad == []
     assert all(p.grad is None for p in learner.vgg.parameters())
 
@@ -128,15 +102,7 @@ def test_consistency_terms_ramp_up_over_the_warmup_in_training_only():
 
 def test_training_on_a_fixed_batch_reduces_the_loss():
     learner = small_learner()
-    a, b = blobs(4, seed=9), blobs(4, seed=10)
-    optimiser = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=2e-3)
-    history = []
-    for _ in range(150):
-        losses = learner(a, b)
-        optimiser.zero_grad()
-        losses["total"].backward()
-        optimiser.step()
-        history.append(losses["total"].item())
+    history = loss_history(learner, blobs(4, seed=9), blobs(4, seed=10), steps=150)
     first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
     assert last < 0.6 * first, (first, last)
 

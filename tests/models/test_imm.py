@@ -1,23 +1,14 @@
+from functools import partial
+
 import pytest
 import torch
-from test_cycle import blobs
+from small_learners import blobs, gradient_coverage, loss_history
+from small_learners import small_learner as build_small_learner
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.models import ConditionalGenerationLearner, build_learner
 from ulm_dist.report import generation_sheet
 
-SMALL = [
-    "model.name=imm",
-    "data.pairs=warped",
-    "model.channels=[8,16,32]",
-    "loss.perceptual_layers=[pixels,relu1_2]",
-]
-
-
-def small_learner(*overrides: str) -> ConditionalGenerationLearner:
-    torch.manual_seed(0)
-    config = load_config(None, [*SMALL, *overrides])
-    return build_learner(config.model, config.loss)
+small_learner = partial(build_small_learner, "imm")
 
 
 def test_imm_needs_warped_pairs_and_says_so():
@@ -40,23 +31,14 @@ def test_the_target_reaches_the_generator_only_through_its_landmarks():
 def test_every_trainable_parameter_gets_a_gradient_and_vgg_stays_frozen():
     learner = small_learner()
     learner(blobs(4, seed=3), blobs(4, seed=4))["total"].backward()
-    trainable = {n: p for n, p in learner.named_parameters() if p.requires_grad}
-    no_grad = [n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0]
+    trainable, no_grad = gradient_coverage(learner)
     assert trainable and no_grad == []
     assert all(p.grad is None for p in learner.vgg.parameters())
 
 
 def test_training_on_a_fixed_pair_reduces_the_loss():
     learner = small_learner()
-    source, target = blobs(4, seed=5), blobs(4, seed=6)
-    optimiser = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=2e-3)
-    history = []
-    for _ in range(100):
-        losses = learner(source, target)
-        optimiser.zero_grad()
-        losses["total"].backward()
-        optimiser.step()
-        history.append(losses["total"].item())
+    history = loss_history(learner, blobs(4, seed=5), blobs(4, seed=6), steps=100)
     assert sum(history[-10:]) < 0.6 * sum(history[:10]), history[::10]
 
 

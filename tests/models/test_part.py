@@ -1,25 +1,15 @@
+from functools import partial
+
 import pytest
 import torch
-from test_cycle import blobs
+from small_learners import blobs, gradient_coverage, loss_history
+from small_learners import small_learner as build_small_learner
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.models import PartLearner, build_learner
 from ulm_dist.models.similarity import random_similarities, warp_images
 from ulm_dist.report import evaluation_sheets, generation_sheet
 
-SMALL = [
-    "model.name=part",
-    "data.pairs=warped",
-    "model.channels=[8,16,32]",
-    "model.appearance_dim=16",
-    "loss.perceptual_layers=[pixels,relu1_2]",
-]
-
-
-def small_learner(*overrides: str) -> PartLearner:
-    torch.manual_seed(0)
-    config = load_config(None, [*SMALL, *overrides])
-    return build_learner(config.model, config.loss)
+small_learner = partial(build_small_learner, "part")
 
 
 def test_part_needs_warped_pairs_and_says_so():
@@ -62,8 +52,7 @@ def test_every_trainable_parameter_gets_a_gradient_and_vgg_stays_frozen():
     losses = learner(blobs(4, seed=3), blobs(4, seed=4))
     assert set(losses) == {"recon", "transform", "sep", "total"}
     losses["total"].backward()
-    trainable = {n: p for n, p in learner.named_parameters() if p.requires_grad}
-    no_grad = [n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0]
+    trainable, no_grad = gradient_coverage(learner)
     assert trainable and no_grad == []
     assert all(p.grad is None for p in learner.vgg.parameters())
 
@@ -81,14 +70,7 @@ def test_training_on_a_fixed_pair_reduces_the_loss():
     learner = small_learner()
     image = blobs(4, seed=5)
     warped = warp_images(image, random_similarities(4, generator=torch.Generator().manual_seed(2)))
-    optimiser = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=2e-3)
-    history = []
-    for _ in range(40):
-        losses = learner(image, warped)
-        optimiser.zero_grad()
-        losses["total"].backward()
-        optimiser.step()
-        history.append(losses["total"].item())
+    history = loss_history(learner, image, warped, steps=40)
     assert sum(history[-5:]) < 0.6 * sum(history[:5]), history[::5]
 
 

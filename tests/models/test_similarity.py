@@ -1,7 +1,7 @@
 import math
 
 import torch
-from test_cycle import blobs
+from small_learners import blobs
 
 from ulm_dist.models.landmarks import render_gaussian_heatmaps, spatial_softmax
 from ulm_dist.models.similarity import (

@@ -33,14 +33,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ulm_dist.config import LossConfig, ModelConfig
-from ulm_dist.losses import equivariance_loss, invariance_loss, perceptual_distances
+from ulm_dist.losses import equivariance_loss, invariance_loss
 from ulm_dist.models.flow import CrossImageFlow, transform_points
+from ulm_dist.models.learner import Learner
 from ulm_dist.models.networks import PartAutoencoder
-from ulm_dist.models.perceptual import perceptual_network
-from ulm_dist.models.priors import landmark_priors, prior_weights
 
 
 @dataclass
@@ -88,43 +86,29 @@ class CycleConsistencyModel(PartAutoencoder):
         )
 
 
-class CycleLearner(nn.Module):
-    """What the optimiser sees: the model, a frozen perceptual network and the weighted losses.
-
-    `forward(image_i, image_j)` returns {"total", "cycle", "inv", "equiv", "recon"} scalars.
-    """
+class CycleLearner(Learner):
+    """`forward(image_i, image_j)` returns {"cycle", "inv", "equiv", "recon", "total"} and the
+    priors' scalars."""
 
     def __init__(self, model_config: ModelConfig, loss_config: LossConfig):
-        super().__init__()
-        self.model = CycleConsistencyModel(model_config)
-        self.vgg = perceptual_network(loss_config)
-        self.compare_pixels = "pixels" in loss_config.perceptual_layers
-        self.consistency_warmup = loss_config.consistency_warmup
-        self.loss_config = loss_config
-        self.register_buffer("forward_passes", torch.zeros((), dtype=torch.long))
-        self.weights = {
+        weights = {
             "cycle": loss_config.lambda_cycle,
             "inv": loss_config.lambda_inv,
             "equiv": loss_config.lambda_equiv,
             "recon": loss_config.lambda_recon,
-            **prior_weights(loss_config),
         }
-
-    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.landmarks(images)
+        super().__init__(CycleConsistencyModel(model_config), loss_config, weights)
+        self.consistency_warmup = loss_config.consistency_warmup
+        self.register_buffer("forward_passes", torch.zeros((), dtype=torch.long))
 
     def forward(self, image_i: torch.Tensor, image_j: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(image_i, image_j)
         p_i, p_j = out.landmarks
         i_from_j, j_from_i = out.flows
         carried = (transform_points(i_from_j, p_j), transform_points(j_from_i, p_i))
+        images = torch.cat([image_i, image_j])
         # Both images' two reconstructions against the two originals, in one perceptual pass.
-        distances = perceptual_distances(
-            torch.cat([image_i, image_j]),
-            torch.cat([*out.reconstructed, *out.recoded]),
-            self.vgg,
-            self.compare_pixels,
-        )
+        distances = self.perceptual(images, torch.cat([*out.reconstructed, *out.recoded]))
         # P(I, I') is a batch mean per image role: sum the i and j means.
         cycle_i, cycle_j, recon_i, recon_j = (d.mean() for d in distances.chunk(4))
         losses = {
@@ -132,12 +116,7 @@ class CycleLearner(nn.Module):
             "inv": invariance_loss(out.landmarks, out.landmarks_again),
             "equiv": equivariance_loss(out.landmarks, carried),
             "recon": recon_i + recon_j,
-            **landmark_priors(
-                self.model.landmarks,
-                torch.cat([image_i, image_j]),
-                torch.cat(out.landmarks),
-                self.loss_config,
-            ),
+            **self.priors(images, torch.cat(out.landmarks)),
         }
         weights = dict(self.weights)
         if self.training:
@@ -146,5 +125,4 @@ class CycleLearner(nn.Module):
             ramp = (self.forward_passes / max(1, self.consistency_warmup)).clamp(max=1.0)
             weights["inv"] *= ramp
             weights["equiv"] *= ramp
-        losses["total"] = sum(weights[name] * value for name, value in losses.items())
-        return losses
+        return self.with_total(losses, weights)

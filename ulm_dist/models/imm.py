@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from ulm_dist.config import LossConfig, ModelConfig
-from ulm_dist.losses import perceptual_distances
+from ulm_dist.models.learner import Learner
 from ulm_dist.models.networks import Encoder, HeatmapDecoder, PoseEncoder
-from ulm_dist.models.perceptual import perceptual_network
-from ulm_dist.models.priors import landmark_priors, prior_weights
 
 
 @dataclass
@@ -49,28 +47,18 @@ class ConditionalGenerationModel(nn.Module):
         return GenerationOutputs(points, self.decoder(self.appearance_encoder(source), points))
 
 
-class ConditionalGenerationLearner(nn.Module):
+class ConditionalGenerationLearner(Learner):
     """`forward(image, warped)` returns {"recon", "total"} and the priors' scalars (on the
     target's landmarks); recon is P(warped, D(E_a(image), p'))."""
 
     def __init__(self, model_config: ModelConfig, loss_config: LossConfig):
-        super().__init__()
-        self.model = ConditionalGenerationModel(model_config)
-        self.vgg = perceptual_network(loss_config)
-        self.compare_pixels = "pixels" in loss_config.perceptual_layers
-        self.loss_config = loss_config
-        self.weights = {"recon": loss_config.lambda_recon, **prior_weights(loss_config)}
-
-    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.landmarks(images)
+        model = ConditionalGenerationModel(model_config)
+        super().__init__(model, loss_config, {"recon": loss_config.lambda_recon})
 
     def forward(self, image: torch.Tensor, warped: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(image, warped)
         losses = {
-            "recon": perceptual_distances(
-                warped, out.generated, self.vgg, self.compare_pixels
-            ).mean(),
-            **landmark_priors(self.model.landmarks, warped, out.landmarks, self.loss_config),
+            "recon": self.perceptual(warped, out.generated).mean(),
+            **self.priors(warped, out.landmarks),
         }
-        losses["total"] = sum(self.weights[name] * value for name, value in losses.items())
-        return losses
+        return self.with_total(losses, self.weights)

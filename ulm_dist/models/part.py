@@ -29,13 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ulm_dist.config import LossConfig, ModelConfig
-from ulm_dist.losses import perceptual_distances
+from ulm_dist.models.learner import Learner
 from ulm_dist.models.networks import PartAutoencoder
-from ulm_dist.models.perceptual import perceptual_network
-from ulm_dist.models.priors import landmark_priors, prior_weights
 
 
 @dataclass
@@ -58,20 +55,12 @@ class PartModel(PartAutoencoder):
         return PartOutputs(points, appearance, self.decode(appearance, points))
 
 
-class PartLearner(nn.Module):
+class PartLearner(Learner):
     """`forward(image, warped)` returns {"recon", "total"} and the priors' scalars; recon
     sums the two views' batch means, as the cycle learner does for its image pair."""
 
     def __init__(self, model_config: ModelConfig, loss_config: LossConfig):
-        super().__init__()
-        self.model = PartModel(model_config)
-        self.vgg = perceptual_network(loss_config)
-        self.compare_pixels = "pixels" in loss_config.perceptual_layers
-        self.loss_config = loss_config
-        self.weights = {"recon": loss_config.lambda_recon, **prior_weights(loss_config)}
-
-    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.landmarks(images)
+        super().__init__(PartModel(model_config), loss_config, {"recon": loss_config.lambda_recon})
 
     def forward(self, image: torch.Tensor, warped: torch.Tensor) -> dict[str, torch.Tensor]:
         n = image.shape[0]
@@ -80,13 +69,6 @@ class PartLearner(nn.Module):
         points, appearance, _ = self.model.encode(views)
         a_image, a_warped = appearance.split(n)
         redrawn = self.model.decode(torch.cat([a_warped, a_image]), points)
-        recon_image, recon_warped = (
-            d.mean()
-            for d in perceptual_distances(views, redrawn, self.vgg, self.compare_pixels).chunk(2)
-        )
-        losses = {
-            "recon": recon_image + recon_warped,
-            **landmark_priors(self.model.landmarks, views, points, self.loss_config),
-        }
-        losses["total"] = sum(self.weights[name] * value for name, value in losses.items())
-        return losses
+        recon_image, recon_warped = (d.mean() for d in self.perceptual(views, redrawn).chunk(2))
+        losses = {"recon": recon_image + recon_warped, **self.priors(views, points)}
+        return self.with_total(losses, self.weights)
