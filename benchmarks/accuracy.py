@@ -137,12 +137,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.learners:
-        train_and_score(args, load_config(args.config, args.overrides), args.out)
+        cfg = load_config(args.config, args.overrides)
+        train_and_score(args, cfg, load_splits(args, cfg.model.image_size), args.out)
         return
+    configs = {
+        name: load_config(args.config, [*LEARNER_SETTINGS[name], *args.overrides])
+        for name in args.learners
+    }
+    # The learners differ in model.name and data.pairs only: one image size, one data set.
+    splits = load_splits(args, configs[args.learners[0]].model.image_size)
     rows = []
-    for name in args.learners:
-        cfg = load_config(args.config, [*LEARNER_SETTINGS[name], *args.overrides])
-        summary = train_and_score(args, cfg, args.out / name)
+    for name, cfg in configs.items():
+        summary = train_and_score(args, cfg, splits, args.out / name)
         rows.append({"learner": name, **{k: summary[k] for k in COMPARED}})
     (args.out / "comparison.json").write_text(json.dumps(rows, indent=1))
     print(comparison_table(rows))
@@ -158,15 +164,19 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train_and_score(args, cfg, out: Path) -> dict:
+def load_splits(args, size: int) -> tuple[Split, Split, LandmarkLayout]:
+    """The fit and test splits of `--data` at `size` px, on `--device`, and their layout."""
+    if args.data == "synthetic":
+        return synthetic_splits(size, args.train_samples, 500, torch.device(args.device))
+    return faces_splits(args.faces, size, torch.device(args.device))
+
+
+def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out: Path) -> dict:
     """Trains one learner in memory for the budget in `args`, then writes its results to
     `out` and returns their summary."""
     size, batch = cfg.model.image_size, cfg.train.batch_size
     device = torch.device(args.device)
-    if args.data == "synthetic":
-        fit, test, layout = synthetic_splits(size, args.train_samples, 500, device)
-    else:
-        fit, test, layout = faces_splits(args.faces, size, device)
+    fit, test, layout = splits
     torch.manual_seed(cfg.train.seed)
     learner = build_learner(cfg.model, cfg.loss).to(device)
     trainable = [p for p in learner.parameters() if p.requires_grad]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -94,7 +95,7 @@ class Cell:
 
 def plan(args: argparse.Namespace, gpus: int) -> tuple[list[Cell], list[str]]:
     """The cells this machine can run, and why the others are left out."""
-    cells, skipped = [], []
+    skipped = []
     presets = args.presets
     if gpus == 0 and "paper" in presets and not args.presets_named:
         presets = [preset for preset in presets if preset != "paper"]
@@ -113,16 +114,17 @@ def plan(args: argparse.Namespace, gpus: int) -> tuple[list[Cell], list[str]]:
             "(15x in the plain loop on the 2-core machine of BENCHMARKS.md); name it in "
             "--precisions to run it anyway"
         )
-    for preset in presets:
-        for precision in precisions:
-            for zero in args.zero:
-                for workers in args.workers:
-                    if gpus and workers > gpus:
-                        continue
-                    cells.append(Cell(preset, precision, zero, workers))
-    too_many = [workers for workers in args.workers if gpus and workers > gpus]
-    if too_many:
+    workers = args.workers
+    if gpus and max(workers) > gpus:
+        too_many = [count for count in workers if count > gpus]
+        workers = [count for count in workers if count <= gpus]
         skipped.append(f"{too_many} workers: one GPU each, and this machine has {gpus}")
+    cells = [
+        Cell(preset, precision, zero, count)
+        for preset, precision, zero, count in itertools.product(
+            presets, precisions, args.zero, workers
+        )
+    ]
     return cells, skipped
 
 
@@ -208,15 +210,15 @@ def table(report: dict[str, Any]) -> str:
         "| compute (ms) | data/use | peak RSS (MiB) | peak GPU (MiB) |"
     )
     lines = [header, "|---" * header.count(" | ") + "|---|"]
+
+    def number(value: float | None, digits: int = 0) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
     for row in report["cells"]:
         cell = f"| {row['preset']} | {row['precision']} | {row['zero']} | {row['workers']} |"
         if "error" in row:
             lines.append(f"{cell} failed: {row['error']} |")
             continue
-
-        def number(value: float | None, digits: int = 0) -> str:
-            return "-" if value is None else f"{value:,.{digits}f}"
-
         lines.append(
             f"{cell} {number(row['pairs_per_s'], 1)} | {number(row['x_plain'], 2)} "
             f"| {number(1e3 * row['step_s'])} | {number(1e3 * row['data_wait_s'])} "
