@@ -1,8 +1,9 @@
 """The benchmark matrix in one command: training through the real stack (Ray Train + DeepSpeed)
 for presets x precision x ZeRO stage x workers, each cell with pairs/s, step time split into
-data wait and compute, and peak memory; beside them the plain single-process loop (what the
-stack costs), the pair loader's rate (data against consumption) and the accuracy after a
-small budget. Prints one Markdown table and writes one JSON. Not a test.
+data wait, forward, backward, optimizer and collectives, and peak memory; beside them the
+plain single-process loop (what the stack costs), the pair loader's rate (data against
+consumption) and the accuracy after a small budget. Prints one Markdown table and writes
+one JSON. Not a test.
 
     python -m benchmarks.matrix                  # --quick: what a 2-core CPU machine can do
     python -m benchmarks.matrix --full           # all presets, longer intervals, more steps
@@ -13,10 +14,13 @@ The columns:
 - x plain: pairs/s over those of the plain PyTorch loop (train_overhead.py) with the same
   preset, precision and per-worker batch in one process. With 2 workers it is also the
   scaling: 2.0 would be perfect.
-- step, data wait, compute (ms): medians of what each worker's loop measures (loop.py's
-  IntervalMeter), averaged over workers. Data wait is the time spent in `next(batches)`;
-  compute the rest of the step (on a GPU, until the kernels are queued: no sync is added);
-  step is wall time over the interval, the reports included.
+- step, data wait, forward, backward, optimizer, collectives (ms): medians of what each
+  worker's loop measures (loop.py's IntervalMeter), averaged over workers. Data wait is the
+  host time in `next(batches)`; forward, backward and optimizer are the engine's three calls
+  (on a GPU, timed by CUDA events); collectives is the part of those three that DeepSpeed's
+  collectives took, waiting for the slowest worker included (`train.time_collectives`, on in
+  every cell: on a GPU it makes each collective blocking, so pairs/s is a lower bound). Step
+  is wall time over the interval, the reports included.
 - data/use: one pair loader's pairs/s (data_throughput.py's `loader_rate`: same data spec,
   image size and data.num_workers, measured alone) over the pairs/s each worker trains on.
   Above 1 the loader keeps up, given cores of its own; the data-wait column says whether it
@@ -56,6 +60,7 @@ import torch
 from benchmarks.data_throughput import loader_rate
 from benchmarks.train_overhead import plain_loop_rates, stack_records
 from ulm_dist.config import load_config
+from ulm_dist.loop import PHASES
 
 QUICK = {
     "presets": ["tiny"],
@@ -74,6 +79,8 @@ FULL = {
     "accuracy_samples": 4000,
 }
 ACCURACY_SCRIPT = Path(__file__).with_name("accuracy.py")
+# The step-time columns after data wait, as loop.py reports them (time/<part>_s).
+STEP_PARTS = (*PHASES, "collectives")
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class Cell:
             f"train.zero_stage={self.zero}",
             # Training alone: periodic validation is no part of the step.
             "data.val=null",
+            "train.time_collectives=true",
         ]
 
 
@@ -150,7 +158,7 @@ def measure_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
         "pairs_per_s_per_worker": median("throughput/pairs_per_s_per_worker"),
         "step_s": median("time/step_s"),
         "data_wait_s": median("time/data_wait_s"),
-        "compute_s": median("time/compute_s"),
+        **{f"{phase}_s": median(f"time/{phase}_s") for phase in STEP_PARTS},
         "peak_rss_mib": peak("memory/peak_rss_mib"),
         "peak_gpu_mib": peak("memory/peak_gpu_mib"),
     }
@@ -207,7 +215,8 @@ def table(report: dict[str, Any]) -> str:
     """The cells as one Markdown table, ready for BENCHMARKS.md."""
     header = (
         "| preset | precision | ZeRO | workers | pairs/s | x plain | step (ms) | data wait (ms) "
-        "| compute (ms) | data/use | peak RSS (MiB) | peak GPU (MiB) |"
+        "| forward (ms) | backward (ms) | optimizer (ms) | collectives (ms) | data/use "
+        "| peak RSS (MiB) | peak GPU (MiB) |"
     )
     lines = [header, "|---" * header.count(" | ") + "|---|"]
 
@@ -221,8 +230,9 @@ def table(report: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{cell} {number(row['pairs_per_s'], 1)} | {number(row['x_plain'], 2)} "
-            f"| {number(1e3 * row['step_s'])} | {number(1e3 * row['data_wait_s'])} "
-            f"| {number(1e3 * row['compute_s'])} | {number(row['data_over_use'], 1)} "
+            f"| {number(1e3 * row['step_s'])} | "
+            + " | ".join(number(1e3 * row[f"{part}_s"]) for part in ("data_wait", *STEP_PARTS))
+            + f" | {number(row['data_over_use'], 1)} "
             f"| {number(row['peak_rss_mib'])} | {number(row['peak_gpu_mib'])} |"
         )
     return "\n".join(lines)

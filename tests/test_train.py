@@ -73,6 +73,7 @@ def test_zero2_on_s3_survives_a_killed_worker(common_args, log_dir, s3_server, s
         "train.keep_checkpoints=2",
         "train.fail_at_step=6",  # after the checkpoint at 4: steps 5 and 6 are redone
         "train.max_failures=1",
+        "train.time_collectives=true",
     ]
     assert main(args) == 0
 
@@ -87,6 +88,12 @@ def test_zero2_on_s3_survives_a_killed_worker(common_args, log_dir, s3_server, s
     assert records[-1]["samples_seen"] == 12 * 8
     losses = [record["loss/total"] for record in records]
     assert sum(losses[-2:]) / 2 < losses[0], f"loss did not fall: {losses}"
+    for record in records:
+        phases = [record[f"time/{phase}_s"] for phase in ("forward", "backward", "optimizer")]
+        assert min(phases) > 0 and record["time/data_wait_s"] > 0
+        assert record["time/data_wait_s"] + sum(phases) <= record["time/step_s"]
+        # ZeRO-2 reduces gradients and gathers updated weights across the two workers.
+        assert 0 < record["time/collectives_s"] < phases[1] + phases[2]
 
     weights = final_weights(store, tmp_path)
     learner = build_learner(cfg.model, cfg.loss)

@@ -265,6 +265,12 @@ class TrainConfig:
     log_dir: str = option(
         "runs", "local folder for metrics.jsonl and TensorBoard events: <log_dir>/<run_name>"
     )
+    time_collectives: bool = option(
+        False,
+        "time DeepSpeed's collectives (the time/collectives_s metric) with its comms logger, "
+        "which waits for each one to finish: on GPUs communication then stops overlapping "
+        "with compute, so leave it off outside benchmarks",
+    )
     fail_at_step: int | None = option(
         None,
         "fault injection for tests: the last worker exits once, after this step's reports are "

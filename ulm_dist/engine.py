@@ -72,6 +72,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dic
             },
         },
         "steps_per_print": _NEVER,
+        # DeepSpeed's own timing of each collective, read by `collective_seconds`.
+        "comms_logger": {"enabled": train.time_collectives, "prof_all": True, "verbose": False},
     }
 
 
@@ -94,6 +96,28 @@ def input_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     """The dtype the engine's weights are in, which its inputs must match."""
     model_dtype, _ = engine.get_data_types()
     return model_dtype
+
+
+def reset_collective_log() -> None:
+    """Start timing DeepSpeed's collectives afresh (`train.time_collectives`)."""
+    from deepspeed.comm import comm
+
+    comm.reset_log()
+    # The logger keeps one timer per kind of collective and never resets it (each call's
+    # recorded latency is that timer's running total); reset here, a timer's total is the
+    # time its collectives took since this call.
+    for timer in comm.timers.get_timers().values():
+        timer.reset()
+
+
+def collective_seconds() -> float:
+    """Seconds this worker spent in DeepSpeed's collectives since `reset_collective_log`, as
+    DeepSpeed's comms logger timed them (it waits for each to finish, so on a GPU they no
+    longer overlap with compute)."""
+    from deepspeed.comm import comm
+
+    timers = comm.timers.get_timers().values()
+    return sum(timer.elapsed(reset=False) for timer in timers) / 1e3  # ms
 
 
 def save_engine_state(engine: DeepSpeedEngine, folder: Path) -> None:

@@ -38,9 +38,11 @@ from ulm_dist.config import Config, config_from_dict
 from ulm_dist.data import make_pair_loader
 from ulm_dist.engine import (
     build_engine,
+    collective_seconds,
     deepspeed_config,
     input_dtype,
     load_engine_state,
+    reset_collective_log,
     save_engine_state,
 )
 from ulm_dist.models import build_learner
@@ -90,7 +92,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     dtype = input_dtype(engine)
     micro_batch = engine.train_micro_batch_size_per_gpu()
-    meter = IntervalMeter(engine.device)
+    meter = IntervalMeter(engine.device, train.time_collectives)
     batches = None
     while state.step < train.steps:
         if batches is None:
@@ -107,18 +109,25 @@ def train_func(config: dict[str, Any]) -> None:
         for _ in range(train.grad_accum_steps):
             started = time.perf_counter()
             batch = next(batches)
-            fetched = time.perf_counter()
+            data_wait = time.perf_counter() - started
+            if train.time_collectives:
+                reset_collective_log()  # count only the collectives of this micro-batch
+            marks = [meter.mark()]
             image_i = batch["image_i"].to(engine.device, dtype, non_blocking=True)
             image_j = batch["image_j"].to(engine.device, dtype, non_blocking=True)
             losses = engine(image_i, image_j)
+            marks.append(meter.mark())
             engine.backward(losses["total"])
+            marks.append(meter.mark())
             engine.step()
+            marks.append(meter.mark())
             meter.add_micro_batch(
                 losses,
                 pairs=len(image_i),
                 skipped=int(batch["skipped"].sum()),
-                data_wait=fetched - started,
-                compute=time.perf_counter() - fetched,
+                data_wait=data_wait,
+                phase_marks=marks,
+                collectives=collective_seconds() if train.time_collectives else 0.0,
             )
         meter.end_step()
         state.step += 1
@@ -199,12 +208,22 @@ def restore(engine: Any, checkpoint: ray.train.Checkpoint, rank: int) -> TrainSt
     )
 
 
+# What a micro-batch's `phase_marks` bound, in order: marks[k] to marks[k + 1] is PHASES[k].
+PHASES = ("forward", "backward", "optimizer")
+Mark = float | torch.cuda.Event
+
+
 class IntervalMeter:
     """Sums what happens on this worker between two reports; `flush` turns the sums into
-    run-wide metrics (a collective: every worker calls it at the same step)."""
+    run-wide metrics (a collective: every worker calls it at the same step).
 
-    def __init__(self, device: torch.device):
+    The step time is split into data wait (host time in `next(batches)`), the `PHASES` and,
+    with `time_collectives`, the time DeepSpeed's collectives took within those phases
+    (waiting for the slowest worker included)."""
+
+    def __init__(self, device: torch.device, time_collectives: bool = False):
         self.device = device
+        self.time_collectives = time_collectives
         self._reset()
 
     def _reset(self) -> None:
@@ -216,7 +235,18 @@ class IntervalMeter:
         self.pairs = 0
         self.skipped = 0
         self.data_wait = 0.0
-        self.compute = 0.0
+        self.phase_marks: list[list[Mark]] = []
+        self.collectives = 0.0
+
+    def mark(self) -> Mark:
+        """A point in the step's work. On CUDA it is an event that the GPU passes when it gets
+        there, read only at `flush`, so timing adds no synchronisation; on a CPU each kernel
+        has finished when its call returns, and the wall clock is exact."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def add_micro_batch(
         self,
@@ -225,7 +255,8 @@ class IntervalMeter:
         pairs: int,
         skipped: int,
         data_wait: float,
-        compute: float,
+        phase_marks: list[Mark],
+        collectives: float = 0.0,
     ) -> None:
         for name, value in losses.items():
             # Summed on the device: reading a value every step would stall a GPU's queue.
@@ -234,27 +265,34 @@ class IntervalMeter:
         self.pairs += pairs
         self.skipped += skipped
         self.data_wait += data_wait
-        self.compute += compute
+        self.phase_marks.append(phase_marks)
+        self.collectives += collectives
 
     def end_step(self) -> None:
         self.steps += 1
+
+    def phase_seconds(self) -> list[float]:
+        """Seconds spent in each of `PHASES`, summed over the interval's micro-batches."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return [
+            sum(seconds_between(marks[k], marks[k + 1]) for marks in self.phase_marks)
+            for k in range(len(PHASES))
+        ]
 
     def flush(self, world_size: int) -> dict[str, float | int]:
         names = sorted(self.loss_sums)
         losses = torch.stack([self.loss_sums[name] for name in names]) / self.micro_batches
         wall = time.perf_counter() - self.started
+        per_step = [wall, self.data_wait, *self.phase_seconds(), self.collectives]
         counters = torch.tensor(
-            [
-                wall / self.steps,
-                self.data_wait / self.steps,
-                self.compute / self.steps,
-                self.pairs / wall,
-                self.skipped,
-            ]
+            [*(seconds / self.steps for seconds in per_step), self.pairs / wall, self.skipped]
         )
         summed = torch.cat([losses.to(self.device), counters.to(self.device)])
         dist.all_reduce(summed)
-        *loss_sums, step_time, data_wait, compute, pairs_per_s, skipped = summed.tolist()
+        values = summed.tolist()
+        loss_sums = values[: len(names)]
+        step_time, data_wait, *phases, collectives, pairs_per_s, skipped = values[len(names) :]
         metrics: dict[str, float | int] = {
             f"loss/{name}": value / world_size for name, value in zip(names, loss_sums, strict=True)
         }
@@ -262,15 +300,26 @@ class IntervalMeter:
             {
                 "time/step_s": step_time / world_size,
                 "time/data_wait_s": data_wait / world_size,
-                "time/compute_s": compute / world_size,
+                **{
+                    f"time/{phase}_s": seconds / world_size
+                    for phase, seconds in zip(PHASES, phases, strict=True)
+                },
                 "throughput/pairs_per_s": pairs_per_s,
                 "throughput/pairs_per_s_per_worker": pairs_per_s / world_size,
                 "data/skipped": round(skipped),
             }
         )
+        if self.time_collectives:
+            metrics["time/collectives_s"] = collectives / world_size
         metrics.update(peak_memory_mib(self.device))
         self._reset()
         return metrics
+
+
+def seconds_between(begin: Mark, end: Mark) -> float:
+    if isinstance(begin, torch.cuda.Event):
+        return begin.elapsed_time(end) / 1e3  # CUDA events measure milliseconds
+    return end - begin
 
 
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
