@@ -4,11 +4,14 @@ process, ZeRO stages as asked), then the expected throughput of 8, 64 and 512 GP
 measured step time and gradient volume. Not a test: it prints a table and writes JSON.
 
     python benchmarks/gpu_step.py --preset paper --precision bf16 --batch 32 --zero 0 2 3
+    python benchmarks/gpu_step.py --preset paper --compile --channels-last --zero   # plain only
 
 FLOPs are counted by torch's FlopCounterMode over one whole step (forward and backward of
 the learner, the frozen VGG included, since its backward to the images is real work), so
 MFU = counted FLOPs per step / step time / the GPU's dense bf16 (or fp32) peak. Data come
 from memory: this measures the model and the engine, `data_throughput.py` the loaders.
+`--compile` (torch.compile of the learner) and `--channels-last` (NHWC weights and images)
+apply to the plain loop, which then reports the first step's time as `first_step_s`.
 """
 
 from __future__ import annotations
@@ -65,7 +68,15 @@ def count_flops(learner, pair) -> int:
     return counter.get_total_flops()
 
 
-def plain_loop(cfg, pair, precision: str, steps: int, warmup: int) -> dict:
+def plain_loop(
+    cfg,
+    pair,
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile_learner: bool = False,
+    channels_last: bool = False,
+) -> dict:
     """Forward, backward and optimizer timed apart (a sync between them) over `steps`."""
     device = pair[0].device
     learner = build_learner(cfg.model, cfg.loss).to(device)
@@ -75,12 +86,16 @@ def plain_loop(cfg, pair, precision: str, steps: int, warmup: int) -> dict:
     parts = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     with autocast:
         flops = count_flops(learner, pair)
+    if channels_last:
+        learner = learner.to(memory_format=torch.channels_last)
+        pair = [image.contiguous(memory_format=torch.channels_last) for image in pair]
+    forward = torch.compile(learner) if compile_learner else learner
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps):
         t0 = time.perf_counter()
         with autocast:
-            losses = learner(*pair)
+            losses = forward(*pair)
         sync()
         t1 = time.perf_counter()
         losses["total"].backward()
@@ -90,14 +105,17 @@ def plain_loop(cfg, pair, precision: str, steps: int, warmup: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
+        if step == 0:
+            first_step_s = time.perf_counter() - t0  # includes the compilation
         if step >= warmup:
             parts["forward"] += t1 - t0
             parts["backward"] += t2 - t1
             parts["optimizer"] += time.perf_counter() - t2
     step_s = sum(parts.values()) / steps
     return {
-        "engine": "plain",
+        "engine": "plain" + " compiled" * compile_learner + " channels-last" * channels_last,
         "step_s": step_s,
+        "first_step_s": first_step_s,
         **{f"{name}_s": value / steps for name, value in parts.items()},
         "flops_per_step": flops,
         "trainable_params": sum(p.numel() for p in trainable),
@@ -173,6 +191,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--zero", type=int, nargs="*", default=[2], help="DeepSpeed stages")
     parser.add_argument("--peak-tflops", type=float, help="override the GPU's peak")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the learner (plain loop)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and images (plain loop)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_step.json"))
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args()
@@ -180,7 +200,9 @@ def main() -> None:
     cfg = load_config(None, [f"model.preset={args.preset}", *args.overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pair = batch(args.batch, cfg.model.image_size, device)
-    plain = plain_loop(cfg, pair, args.precision, args.steps, args.warmup)
+    plain = plain_loop(
+        cfg, pair, args.precision, args.steps, args.warmup, args.compile, args.channels_last
+    )
     results = [plain]
     for zero in args.zero:
         try:
