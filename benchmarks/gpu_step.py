@@ -191,8 +191,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--zero", type=int, nargs="*", default=[2], help="DeepSpeed stages")
     parser.add_argument("--peak-tflops", type=float, help="override the GPU's peak")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the learner (plain loop)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and images (plain loop)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the learner (plain loop)"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC weights and images (plain loop)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_step.json"))
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args()
