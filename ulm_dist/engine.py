@@ -30,7 +30,8 @@ def resolve_precision(requested: str, on_gpu: bool, bf16_supported: bool) -> str
     """`train.precision` with `auto` made concrete for the hardware the workers run on."""
     if requested != "auto":
         return requested
-    # bf16 keeps fp32's exponent range, so it needs no loss scaling; on CPUs it is slow.
+    # bf16 keeps fp32's exponent range, so it needs no loss scaling. CPUs without bf16
+    # instructions (AMX, AVX512-BF16) train it many times slower, so auto keeps CPUs on fp32.
     return "bf16" if on_gpu and bf16_supported else "fp32"
 
 
