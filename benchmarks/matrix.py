@@ -137,12 +137,16 @@ def plan(args: argparse.Namespace, gpus: int) -> tuple[list[Cell], list[str]]:
     return cells, skipped
 
 
+def cpuinfo() -> str:
+    """Linux's description of the CPU; empty elsewhere."""
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.is_file() else ""
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (Linux's flags for Intel AMX and AVX512-BF16);
     with them the plain loop trains bf16 faster than fp32, without them many times slower."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(set(cpuinfo().split()) & {"amx_bf16", "avx512_bf16"})
 
 
 def measure_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
@@ -205,10 +209,8 @@ def run_accuracy(args: argparse.Namespace, preset: str, scratch: Path) -> dict[s
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    names = [line for line in cpuinfo().splitlines() if line.startswith("model name")]
+    cpu = names[0].split(":", 1)[1].strip() if names else cpu
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,

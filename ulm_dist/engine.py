@@ -103,6 +103,7 @@ def reset_collective_log() -> None:
     """Start timing DeepSpeed's collectives afresh (`train.time_collectives`)."""
     from deepspeed.comm import comm
 
+    # The logger keeps a record of every call for the whole run, which nothing here reads.
     comm.reset_log()
     # The logger keeps one timer per kind of collective and never resets it (each call's
     # recorded latency is that timer's running total); reset here, a timer's total is the
