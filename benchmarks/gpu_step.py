@@ -12,6 +12,12 @@ MFU = counted FLOPs per step / step time / the GPU's dense bf16 (or fp32) peak. 
 from memory: this measures the model and the engine, `data_throughput.py` the loaders.
 `--compile` (torch.compile of the learner) and `--channels-last` (NHWC weights and images)
 apply to the plain loop, which then reports the first step's time as `first_step_s`.
+
+The gradient volume is measured: after its timed steps, each DeepSpeed row runs one more
+step with DeepSpeed's comms logger on and records the bytes handed to each collective
+(`collective_bytes`). The scaling table takes the all-reduce of a ZeRO 0 or 2 row (in one
+process DeepSpeed still all-reduces every gradient once a step); without one it falls back
+to trainable parameters x bytes per gradient, and says so (`gradient_bytes_source`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ulm_dist.config import load_config
-from ulm_dist.engine import deepspeed_config
+from ulm_dist.engine import collective_bytes, deepspeed_config, reset_collective_log
 from ulm_dist.models import build_learner
 
 # Dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s.
@@ -155,8 +161,23 @@ def deepspeed_loop(cfg, pair, precision: str, zero: int, steps: int, warmup: int
         "step_s": (time.perf_counter() - started) / steps,
         "peak_memory_mb": peak_memory_mb(engine.device),
     }
+    # The logger makes each collective blocking, so it stays off while the steps are timed.
+    deepspeed.comm.configure(enabled=True, prof_all=True)
+    reset_collective_log()
+    engine.backward(engine(*inputs)["total"])
+    engine.step()
+    result["collective_bytes"] = collective_bytes()
+    deepspeed.comm.configure(enabled=False)
     engine.destroy()
     return result
+
+
+def measured_gradient_bytes(results: list[dict]) -> tuple[int | None, str]:
+    """The all-reduce volume of the first ZeRO 0 or 2 row that ran, and where it came from."""
+    for row in results:
+        if row["engine"] in ("deepspeed-zero0", "deepspeed-zero2") and "collective_bytes" in row:
+            return row["collective_bytes"].get("all_reduce"), f"measured: {row['engine']}"
+    return None, ""
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
@@ -220,8 +241,11 @@ def main() -> None:
             achieved = plain["flops_per_step"] / row["step_s"]
             row["achieved_tflops"] = achieved / 1e12
             row["mfu"] = achieved / peak if peak else None
-    # bf16 gradients are all-reduced in bf16 by DeepSpeed; fp32 ones in fp32.
-    gradient_bytes = plain["trainable_params"] * (2 if args.precision == "bf16" else 4)
+    gradient_bytes, source = measured_gradient_bytes(results)
+    if gradient_bytes is None:
+        # What DeepSpeed all-reduces when measured: bf16 gradients in bf16, fp32 in fp32.
+        gradient_bytes = plain["trainable_params"] * (2 if args.precision == "bf16" else 4)
+        source = "counted: trainable parameters x bytes per gradient"
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "preset": args.preset,
@@ -231,6 +255,8 @@ def main() -> None:
         "batch": args.batch,
         "peak_tflops": peak / 1e12 if peak else None,
         "results": results,
+        "gradient_bytes": gradient_bytes,
+        "gradient_bytes_source": source,
         "scaling": scaling_table(plain["step_s"], args.batch, gradient_bytes),
         "scaling_assumptions": BANDWIDTH,
     }

@@ -21,6 +21,9 @@ The columns:
   collectives took, waiting for the slowest worker included (`train.time_collectives`, on in
   every cell: on a GPU it makes each collective blocking, so pairs/s is a lower bound). Step
   is wall time over the interval, the reports included.
+- collective MB: what each worker hands DeepSpeed's collectives per step (the tensors' sizes;
+  a ring all-reduce puts about twice its tensor on the wire). The gradient volume that the
+  scaling table of gpu_step.py assumes, measured, and what ZeRO-3's weight gathers add.
 - data/use: one pair loader's pairs/s (data_throughput.py's `loader_rate`: same data spec,
   image size and data.num_workers, measured alone) over the pairs/s each worker trains on.
   Above 1 the loader keeps up, given cores of its own; the data-wait column says whether it
@@ -172,6 +175,7 @@ def measure_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
         "step_s": median("time/step_s"),
         "data_wait_s": median("time/data_wait_s"),
         **{f"{phase}_s": median(f"time/{phase}_s") for phase in STEP_PARTS},
+        "collective_mb": median("comm/collective_mb"),
         "peak_rss_mib": peak("memory/peak_rss_mib"),
         "peak_gpu_mib": peak("memory/peak_gpu_mib"),
     }
@@ -226,7 +230,8 @@ def table(report: dict[str, Any]) -> str:
     """The cells as one Markdown table, ready for BENCHMARKS.md."""
     header = (
         "| preset | precision | ZeRO | workers | pairs/s | x plain | step (ms) | data wait (ms) "
-        "| forward (ms) | backward (ms) | optimizer (ms) | collectives (ms) | data/use "
+        "| forward (ms) | backward (ms) | optimizer (ms) | collectives (ms) | collective MB "
+        "| data/use "
         "| peak RSS (MiB) | peak GPU (MiB) |"
     )
     lines = [header, "|---" * header.count(" | ") + "|---|"]
@@ -243,7 +248,7 @@ def table(report: dict[str, Any]) -> str:
             f"{cell} {number(row['pairs_per_s'], 1)} | {number(row['x_plain'], 2)} "
             f"| {number(1e3 * row['step_s'])} | "
             + " | ".join(number(1e3 * row[f"{part}_s"]) for part in ("data_wait", *STEP_PARTS))
-            + f" | {number(row['data_over_use'], 1)} "
+            + f" | {number(row['collective_mb'], 2)} | {number(row['data_over_use'], 1)} "
             f"| {number(row['peak_rss_mib'])} | {number(row['peak_gpu_mib'])} |"
         )
     return "\n".join(lines)

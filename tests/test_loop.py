@@ -31,6 +31,7 @@ def test_a_report_has_losses_step_time_breakdown_and_peak_memory(process_group):
             data_wait=0.25,
             phase_marks=marks,
             collectives=0.05,
+            collective_bytes=3_000_000,
         )
         meter.end_step()
     metrics = meter.flush(world_size=1)
@@ -41,6 +42,7 @@ def test_a_report_has_losses_step_time_breakdown_and_peak_memory(process_group):
     assert metrics["time/backward_s"] == pytest.approx(0.3)
     assert metrics["time/optimizer_s"] == pytest.approx(0.1)
     assert metrics["time/collectives_s"] == pytest.approx(0.05)
+    assert metrics["comm/collective_mb"] == pytest.approx(3.0)
     assert metrics["data/skipped"] == 2
     assert metrics["throughput/pairs_per_s"] > 0
     # This test process holds at least torch: tens of MiB, far from the KiB or byte units.
@@ -57,4 +59,5 @@ def test_marks_on_a_cpu_are_the_wall_clock(process_group):
         {"total": torch.tensor(1.0)}, pairs=1, skipped=0, data_wait=0, phase_marks=[0, 1, 2, 3]
     )
     meter.end_step()
-    assert "time/collectives_s" not in meter.flush(world_size=1)  # not asked for
+    metrics = meter.flush(world_size=1)
+    assert "time/collectives_s" not in metrics and "comm/collective_mb" not in metrics

@@ -95,8 +95,14 @@ def test_zero2_on_s3_survives_a_killed_worker(common_args, log_dir, s3_server, s
         # ZeRO-2 reduces gradients and gathers updated weights across the two workers.
         assert 0 < record["time/collectives_s"] < phases[1] + phases[2]
 
-    weights = final_weights(store, tmp_path)
     learner = build_learner(cfg.model, cfg.loss)
+    gradient_mb = 4 * sum(p.numel() for p in learner.parameters() if p.requires_grad) / 1e6
+    for record in records:
+        # Every fp32 gradient is reduced once a step, and each worker gathers the other's
+        # half of the updated weights (at most one more gradient's worth).
+        assert gradient_mb <= record["comm/collective_mb"] <= 2 * gradient_mb
+
+    weights = final_weights(store, tmp_path)
     learner.load_state_dict(weights)  # strict: every parameter and buffer is in the checkpoint
     landmarks = learner.landmarks(torch.rand(2, 3, 16, 16))
     assert landmarks.shape == (2, 4, 2) and landmarks.abs().max() <= 1

@@ -267,7 +267,8 @@ class TrainConfig:
     )
     time_collectives: bool = option(
         False,
-        "time DeepSpeed's collectives (the time/collectives_s metric) with its comms logger, "
+        "time DeepSpeed's collectives and count their bytes (the time/collectives_s and "
+        "comm/collective_mb metrics) with its comms logger, "
         "which waits for each one to finish: on GPUs communication then stops overlapping "
         "with compute, so leave it off outside benchmarks",
     )

@@ -122,6 +122,19 @@ def collective_seconds() -> float:
     return sum(timer.elapsed(reset=False) for timer in timers) / 1e3  # ms
 
 
+def collective_bytes() -> dict[str, int]:
+    """Bytes this worker handed to each kind of DeepSpeed collective since
+    `reset_collective_log`, summed over calls: the sizes of the tensors DeepSpeed passed in
+    (for reduce-scatter the whole input, for all-gather this worker's shard), not the bytes a
+    ring algorithm puts on the wire."""
+    from deepspeed.comm import comm
+
+    return {
+        name: sum(size * record[0] for size, record in calls.items())  # record[0]: call count
+        for name, calls in comm.comms_logger.comms_dict.items()
+    }
+
+
 def save_engine_state(engine: DeepSpeedEngine, folder: Path) -> None:
     """Each worker writes its share of weights, optimizer and LR-schedule state (collective)."""
     engine.save_checkpoint(str(folder), tag=ENGINE_TAG, save_latest=False)

@@ -38,6 +38,7 @@ from ulm_dist.config import Config, config_from_dict
 from ulm_dist.data import make_pair_loader
 from ulm_dist.engine import (
     build_engine,
+    collective_bytes,
     collective_seconds,
     deepspeed_config,
     input_dtype,
@@ -128,6 +129,7 @@ def train_func(config: dict[str, Any]) -> None:
                 data_wait=data_wait,
                 phase_marks=marks,
                 collectives=collective_seconds() if train.time_collectives else 0.0,
+                collective_bytes=sum(collective_bytes().values()) if train.time_collectives else 0,
             )
         meter.end_step()
         state.step += 1
@@ -219,7 +221,7 @@ class IntervalMeter:
 
     The step time is split into data wait (host time in `next(batches)`), the `PHASES` and,
     with `time_collectives`, the time DeepSpeed's collectives took within those phases
-    (waiting for the slowest worker included)."""
+    (waiting for the slowest worker included) and the bytes handed to them."""
 
     def __init__(self, device: torch.device, time_collectives: bool = False):
         self.device = device
@@ -237,6 +239,7 @@ class IntervalMeter:
         self.data_wait = 0.0
         self.phase_marks: list[list[Mark]] = []
         self.collectives = 0.0
+        self.collective_bytes = 0
 
     def mark(self) -> Mark:
         """A point in the step's work. On CUDA it is an event that the GPU passes when it gets
@@ -257,6 +260,7 @@ class IntervalMeter:
         data_wait: float,
         phase_marks: list[Mark],
         collectives: float = 0.0,
+        collective_bytes: int = 0,
     ) -> None:
         for name, value in losses.items():
             # Summed on the device: reading a value every step would stall a GPU's queue.
@@ -267,6 +271,7 @@ class IntervalMeter:
         self.data_wait += data_wait
         self.phase_marks.append(phase_marks)
         self.collectives += collectives
+        self.collective_bytes += collective_bytes
 
     def end_step(self) -> None:
         self.steps += 1
@@ -284,15 +289,24 @@ class IntervalMeter:
         names = sorted(self.loss_sums)
         losses = torch.stack([self.loss_sums[name] for name in names]) / self.micro_batches
         wall = time.perf_counter() - self.started
-        per_step = [wall, self.data_wait, *self.phase_seconds(), self.collectives]
+        # Seconds, then megabytes, per step.
+        totals = [
+            wall,
+            self.data_wait,
+            *self.phase_seconds(),
+            self.collectives,
+            self.collective_bytes / 1e6,
+        ]
         counters = torch.tensor(
-            [*(seconds / self.steps for seconds in per_step), self.pairs / wall, self.skipped]
+            [*(total / self.steps for total in totals), self.pairs / wall, self.skipped]
         )
         summed = torch.cat([losses.to(self.device), counters.to(self.device)])
         dist.all_reduce(summed)
         values = summed.tolist()
         loss_sums = values[: len(names)]
-        step_time, data_wait, *phases, collectives, pairs_per_s, skipped = values[len(names) :]
+        step_time, data_wait, *phases, collectives, collective_mb, pairs_per_s, skipped = values[
+            len(names) :
+        ]
         metrics: dict[str, float | int] = {
             f"loss/{name}": value / world_size for name, value in zip(names, loss_sums, strict=True)
         }
@@ -311,6 +325,7 @@ class IntervalMeter:
         )
         if self.time_collectives:
             metrics["time/collectives_s"] = collectives / world_size
+            metrics["comm/collective_mb"] = collective_mb / world_size
         metrics.update(peak_memory_mib(self.device))
         self._reset()
         return metrics
