@@ -1,0 +1,60 @@
+"""The benchmark scripts, run as users run them with small sizes on the CPU, write the JSON
+that BENCHMARKS.md's tables come from. Their speeds are printed, never asserted here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(BENCHMARKS / name), *args], check=True, timeout=600)
+
+
+def test_gpu_step_measures_the_gradient_volume_it_scales_with(tmp_path):
+    out = tmp_path / "gpu_step.json"
+    run_script(
+        "gpu_step.py",
+        *("--preset", "tiny", "--precision", "fp32", "--batch", "2"),
+        *("--steps", "1", "--warmup", "1", "--zero", "0", "3", "--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    plain, zero0, zero3 = report["results"]
+    assert all(row["step_s"] > 0 for row in report["results"])
+    gradient_bytes = 4 * plain["trainable_params"]  # fp32
+    # In one process DeepSpeed still reduces every gradient once a step (all-reduce at
+    # ZeRO-0, reduce-scatter at ZeRO-3), plus a few scalars such as the gradient norm.
+    for row in (zero0, zero3):
+        assert gradient_bytes <= sum(row["collective_bytes"].values()) <= gradient_bytes + 64
+    assert report["gradient_bytes_source"] == "measured: deepspeed-zero0"
+    assert report["gradient_bytes"] == zero0["collective_bytes"]["all_reduce"]
+    gpus = [row["gpus"] for row in report["scaling"]]
+    assert gpus == [8, 64, 512]
+
+
+def test_data_throughput_covers_every_source_pair_kind_and_loader_count(tmp_path):
+    out = tmp_path / "data.json"
+    run_script(
+        "data_throughput.py",
+        *("--samples", "48", "--generator-samples", "8", "--sizes", "32", "--batch", "8"),
+        *("--workers", "0", "1", "--gpu-pairs-per-s", "100", "--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    [source] = report["sources"]
+    assert source["size"] == 32 and min(source["build_local"], source["build_s3"]) > 0
+    cells = {(row["pairs"], row["source"], row["loader_processes"]) for row in report["loaders"]}
+    assert cells == {
+        (pairs, source, workers)
+        for pairs in ("unpaired", "warped")
+        for source in ("local disk", "S3 (local server)")
+        for workers in (0, 1)
+    }
+    for row in report["loaders"]:
+        assert row["pairs_per_s"] > 0
+        assert row["processes_per_gpu"] == pytest.approx(100 / row["pairs_per_s_per_process"])
