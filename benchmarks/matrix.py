@@ -22,8 +22,9 @@ The columns:
   every cell: on a GPU it makes each collective blocking, so pairs/s is a lower bound). Step
   is wall time over the interval, the reports included.
 - collective MB: what each worker hands DeepSpeed's collectives per step (the tensors' sizes;
-  a ring all-reduce puts about twice its tensor on the wire). The gradient volume that the
-  scaling table of gpu_step.py assumes, measured, and what ZeRO-3's weight gathers add.
+  a ring all-reduce puts about twice its tensor on the wire). With one worker it is the
+  gradients, the volume behind gpu_step.py's scaling table; with two, ZeRO 2 and 3 add their
+  gathers of the weights.
 - data/use: one pair loader's pairs/s (data_throughput.py's `loader_rate`: same data spec,
   image size and data.num_workers, measured alone) over the pairs/s each worker trains on.
   Above 1 the loader keeps up, given cores of its own; the data-wait column says whether it
