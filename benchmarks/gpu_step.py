@@ -1,7 +1,7 @@
 """Training-step speed of one accelerator: img pairs/s, step-time breakdown, peak memory and
 model FLOPs utilisation (MFU), for a plain PyTorch loop and for DeepSpeed's engine (one
 process, ZeRO stages as asked), then the expected throughput of 8, 64 and 512 GPUs from the
-measured step time and gradient volume. Not a test: it prints a table and writes JSON.
+measured step time and gradient volume. Not a test: it prints tables and writes JSON.
 
     python benchmarks/gpu_step.py --preset paper --precision bf16 --batch 32 --zero 0 2 3
     python benchmarks/gpu_step.py --preset paper --compile --channels-last --zero   # plain only
@@ -33,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ulm_dist.config import load_config
+from ulm_dist.data.s3_server import free_port
 from ulm_dist.engine import collective_bytes, deepspeed_config, reset_collective_log
 from ulm_dist.models import build_learner
 
@@ -134,7 +135,7 @@ def deepspeed_loop(cfg, pair, precision: str, zero: int, steps: int, warmup: int
     import deepspeed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))  # another run may hold a fixed one
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -203,6 +204,49 @@ def scaling_table(step_s: float, per_gpu_batch: int, gradient_bytes: int) -> lis
     return rows
 
 
+def tables(report: dict) -> str:
+    """The engines and the scaling estimate as Markdown tables, ready for BENCHMARKS.md."""
+
+    def ms(row: dict, name: str) -> str:
+        return f"{1e3 * row[name]:,.1f}" if row.get(name) is not None else "-"
+
+    def number(value: float | None, text: str) -> str:
+        return "-" if value is None else text.format(value)
+
+    lines = [
+        f"{report['device']}, preset {report['preset']} ({report['image_size']} px, "
+        f"K={report['num_landmarks']}), {report['precision']}, batch {report['batch']}",
+        "",
+        "| engine | step (ms) | forward / backward / optimizer (ms) | pairs/s | TFLOP/s | MFU "
+        "| peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        if "error" in row:
+            lines.append(f"| {row['engine']} | failed: {row['error']} |")
+            continue
+        parts = " / ".join(ms(row, f"{phase}_s") for phase in ("forward", "backward", "optimizer"))
+        lines.append(
+            f"| {row['engine']} | {ms(row, 'step_s')} | {parts} | {row['pairs_per_s']:,.1f} "
+            f"| {row['achieved_tflops']:.2f} | {number(row['mfu'], '{:.1%}')} "
+            f"| {number(row['peak_memory_mb'], '{:,.0f}')} |"
+        )
+    lines += [
+        "",
+        f"Gradient volume {report['gradient_bytes']:,} bytes per step "
+        f"({report['gradient_bytes_source']})",
+        "",
+        "| GPUs | all-reduce per step (ms) | pairs/s, no overlap | pairs/s, full overlap |",
+        "|---|---|---|---|",
+    ]
+    for row in report["scaling"]:
+        lines.append(
+            f"| {row['gpus']} | {row['allreduce_ms']} | {row['pairs_per_s_no_overlap']:,} "
+            f"| {row['pairs_per_s_full_overlap']:,} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper")
@@ -262,7 +306,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    print(tables(report))
+    print(f"JSON: {args.out}")
 
 
 if __name__ == "__main__":
