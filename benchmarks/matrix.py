@@ -232,8 +232,7 @@ def table(report: dict[str, Any]) -> str:
     header = (
         "| preset | precision | ZeRO | workers | pairs/s | x plain | step (ms) | data wait (ms) "
         "| forward (ms) | backward (ms) | optimizer (ms) | collectives (ms) | collective MB "
-        "| data/use "
-        "| peak RSS (MiB) | peak GPU (MiB) |"
+        "| data/use | peak RSS (MiB) | peak GPU (MiB) |"
     )
     lines = [header, "|---" * header.count(" | ") + "|---|"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from benchmarks.gpu_step import scaling_table
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -17,6 +17,7 @@ def run_script(name: str, *args: str) -> None:
     subprocess.run([sys.executable, str(BENCHMARKS / name), *args], check=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_gpu_step_measures_the_gradient_volume_it_scales_with(tmp_path):
     out = tmp_path / "gpu_step.json"
     run_script(
@@ -36,8 +37,23 @@ def test_gpu_step_measures_the_gradient_volume_it_scales_with(tmp_path):
     assert report["gradient_bytes"] == zero0["collective_bytes"]["all_reduce"]
     gpus = [row["gpus"] for row in report["scaling"]]
     assert gpus == [8, 64, 512]
+    # The estimate is made from this run's plain-loop step and measured volume.
+    assert report["scaling"] == scaling_table(plain["step_s"], 2, report["gradient_bytes"])
 
 
+def test_scaling_adds_a_ring_all_reduce_to_the_step():
+    # 8.5 MB of gradients after a 250 ms step of 64 pairs. A ring all-reduce sends 2 (N-1)/N
+    # of them from each GPU: 8 GPUs over NVLink at 360 GB/s take 1.75 x 8.5 MB / 360 GB/s =
+    # 0.0413 ms; 64 over InfiniBand at 40 GB/s take 1.96875 x 8.5 MB / 40 GB/s = 0.418 ms.
+    eight, sixty_four, _ = scaling_table(0.25, 64, 8_500_000)
+    assert eight["allreduce_ms"] == pytest.approx(0.041, abs=1e-3)
+    assert sixty_four["allreduce_ms"] == pytest.approx(0.418, abs=1e-3)
+    # 64 GPUs x 64 pairs: 4,096 pairs per 250.418 ms without overlap, per 250 ms with it.
+    assert sixty_four["pairs_per_s_no_overlap"] == 16_357
+    assert sixty_four["pairs_per_s_full_overlap"] == 16_384
+
+
+@pytest.mark.slow
 def test_data_throughput_covers_every_source_pair_kind_and_loader_count(tmp_path):
     out = tmp_path / "data.json"
     run_script(
