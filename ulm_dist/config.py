@@ -114,13 +114,21 @@ class LossConfig:
         "(see models/cycle.py); 0 applies them in full from the start",
         min=0,
     )
+    perceptual: Literal["pixels", "imagenet", "random"] = option(
+        "pixels",
+        "how reconstructions are compared: pixels (mean absolute difference, no download), "
+        "imagenet (ImageNet VGG-16 features, as in the papers; weights from loss.vgg_weights "
+        "or PyTorch's hub cache, downloaded once) or random (frozen random VGG-16 features); "
+        "see models/perceptual.py",
+    )
     vgg_weights: str | None = option(
         None,
-        "path to ImageNet VGG-16 weights in torchvision's state-dict format; "
-        "None uses frozen random features plus pixels (see models/perceptual.py)",
+        "imagenet only: a local torchvision VGG-16 state dict to use instead of the hub "
+        "cache's copy (python -m ulm_dist.fetch_weights makes one)",
     )
     perceptual_layers: list[str] = option(
-        ["pixels", "relu1_2", "relu2_2"], "VGG-16 layers (and raw pixels) compared by L_cycle"
+        ["pixels", "relu1_2", "relu2_2"],
+        "imagenet and random only: the VGG-16 layers compared, plus raw pixels if listed",
     )
 
     def validate(self) -> None:
@@ -133,8 +141,21 @@ class LossConfig:
                 f"loss.perceptual_layers: unknown layers {bad or '[] (empty)'}; "
                 f"choose from {sorted(allowed)}"
             )
+        if self.perceptual != "pixels" and not set(self.perceptual_layers) & set(VGG16_LAYERS):
+            raise ConfigError(
+                f"loss.perceptual_layers: loss.perceptual={self.perceptual} compares VGG-16 "
+                f"features, but {self.perceptual_layers} lists no VGG-16 layer; add one "
+                "(e.g. relu1_2, relu2_2), or set loss.perceptual=pixels to compare pixels only"
+            )
         if self.vgg_weights is not None and not Path(self.vgg_weights).is_file():
             raise ConfigError(f"loss.vgg_weights: no such file: {self.vgg_weights}")
+        if self.vgg_weights is not None and self.perceptual != "imagenet":
+            # Refused rather than ignored: a config that names weights expects them used.
+            raise ConfigError(
+                f"loss.vgg_weights: used only with loss.perceptual=imagenet, got "
+                f"loss.perceptual={self.perceptual}; set loss.perceptual=imagenet to use "
+                f"{self.vgg_weights}, or drop loss.vgg_weights"
+            )
 
 
 @dataclass

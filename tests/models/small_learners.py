@@ -10,11 +10,13 @@ from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
 
 # Narrow enough for a test to train a few steps in seconds; consistency_warmup only concerns
-# the cycle learner, the appearance and flow widths only the learners that have them.
+# the cycle learner, the appearance and flow widths only the learners that have them. The
+# random VGG-16 keeps a perceptual network in the loss (as imagenet would) without weights.
 SMALL = [
     "model.channels=[8,16,32]",
     "model.appearance_dim=16",
     "model.flow_channels=16",
+    "loss.perceptual=random",
     "loss.perceptual_layers=[pixels,relu1_2]",
     "loss.consistency_warmup=0",
 ]

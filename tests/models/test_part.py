@@ -36,7 +36,7 @@ def test_the_source_reaches_the_decoder_only_through_its_part_codes():
 
 
 def test_each_view_is_redrawn_in_its_own_parts_with_the_other_views_codes():
-    learner = small_learner("loss.perceptual_layers=[pixels]")
+    learner = small_learner("loss.perceptual=pixels")
     image, warped = blobs(2, seed=3), blobs(2, seed=4)
     with torch.no_grad():
         losses = learner(image, warped)
