@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ulm_dist.config import Config, config_from_dict
+from ulm_dist.config import Config, LossConfig, config_from_dict
 from ulm_dist.engine import read_learner_weights
 from ulm_dist.models import build_learner
 from ulm_dist.store import StorageError, local_copy
@@ -42,9 +43,31 @@ def load_trained(uri: str, s3_endpoint_url: str | None = None) -> TrainedModel:
                 f"{uri}: has no {TRAIN_STATE_NAME}; is this a checkpoint written by ulm_dist.train?"
             )
         saved = json.loads(state_file.read_text())
-        config = config_from_dict(saved["config"])
+        config = config_from_dict(with_perceptual_choice(saved["config"]))
         weights = read_learner_weights(folder)
-    learner = build_learner(config.model, config.loss)
+    learner = build_learner(config.model, loss_for_loading(config.loss))
     learner.load_state_dict(weights)
     learner.eval()
     return TrainedModel(config, learner, saved["step"], uri, checkpoint.info)
+
+
+def with_perceptual_choice(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config from before `loss.perceptual` existed, with the choice its run made:
+    ImageNet VGG-16 features when `loss.vgg_weights` was set, frozen random ones otherwise."""
+    loss = raw.get("loss") or {}
+    if "perceptual" in loss:
+        return raw
+    return {
+        **raw,
+        "loss": {**loss, "perceptual": "imagenet" if loss.get("vgg_weights") else "random"},
+    }
+
+
+def loss_for_loading(loss: LossConfig) -> LossConfig:
+    """The loss config to build a checkpoint's learner with. The checkpoint holds the frozen
+    VGG-16's weights with the rest, so an imagenet run's learner is built with random ones of
+    the same shape for them to overwrite: loading needs neither the weights file nor a
+    download."""
+    if loss.perceptual != "imagenet":
+        return loss
+    return dataclasses.replace(loss, perceptual="random", vgg_weights=None)
