@@ -33,15 +33,21 @@ ARG DS_BUILD_OPS=0
 # GPU architectures the ops are compiled for: A100 (8.0), A10G (8.6), L4 and L40S (8.9),
 # H100 (9.0).
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
-# torchvision's ImageNet VGG-16 (528 MB) for loss.vgg_weights; the hash in the file name is
-# checked on download. Empty: leave it out (the loss then uses random features, see README).
+# torchvision's ImageNet VGG-16 (528 MB) for loss.perceptual=imagenet, put into PyTorch's hub
+# cache where training looks for it; the hash in the file name is checked on download. Keep it
+# equal to VGG16_URL in ulm_dist/models/perceptual.py. Empty: leave it out (an imagenet run
+# then downloads it on each node at start, or fails where nodes have no internet; see README).
 ARG VGG16_URL=https://download.pytorch.org/models/vgg16-397923af.pth
 
 # Ray's images run as user `ray` (uid 1000, group `users`, gid 100), not root; stated here so
 # that a different base cannot silently make it root.
 USER 1000:100
 WORKDIR /home/ray/ulm_dist
+# TORCH_HOME holds PyTorch's hub cache: stated, so that the weights baked in below and the
+# runs that read them agree on it whatever HOME a process has. Outside ~/.cache, which
+# BuildKit may create as root for the pip cache mounts below.
 ENV PYTHONUNBUFFERED=1 \
+    TORCH_HOME=/home/ray/torch \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONSTRAINT=/home/ray/constraints.txt
 
@@ -68,9 +74,10 @@ RUN --mount=type=cache,target=/home/ray/.cache/pip,uid=1000,gid=100 \
     && DS_BUILD_OPS="${DS_BUILD_OPS}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" \
         pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
 
-# 4. The VGG-16 weights, to /home/ray/weights/vgg16-397923af.pth (jobs/faces-128.yaml).
+# 4. The VGG-16 weights, into the hub cache: $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth,
+#    where loss.perceptual=imagenet finds them (jobs/faces-128.yaml).
 RUN if [ -n "${VGG16_URL}" ]; then \
-        python -c "import sys, torch.hub; torch.hub.load_state_dict_from_url(sys.argv[1], model_dir='/home/ray/weights', check_hash=True, progress=False)" "${VGG16_URL}"; \
+        python -c "import sys, torch.hub; torch.hub.load_state_dict_from_url(sys.argv[1], check_hash=True, progress=False)" "${VGG16_URL}"; \
     fi
 
 # 5. The project's dependencies, read from pyproject.toml alone: rebuilt when they change,

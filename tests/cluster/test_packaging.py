@@ -2,7 +2,7 @@
 Ray's own cluster-config schema and AWS provider (on a mocked EC2), the Dockerfile with
 hadolint and for its layer order, .dockerignore against the Dockerfile, and every job file
 against the code that reads it. Where two files must agree (account and region, versions,
-the VGG weights' path), the test says which to change."""
+the VGG weights' URL), the test says which to change."""
 
 from __future__ import annotations
 
@@ -280,42 +280,42 @@ def test_dockerignore_admits_what_the_dockerfile_copies_and_nothing_heavy():
 
 
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda path: path.name)
-def test_job_config_loads_and_says_what_it_is_for(path: Path, tmp_path):
+def test_job_config_loads_and_says_what_it_is_for(path: Path):
     assert path.read_text().startswith("# "), f"{path.name}: start with a comment on its purpose"
-    raw = yaml.safe_load(path.read_text()) or {}
-    overrides = []
-    weights = (raw.get("loss") or {}).get("vgg_weights")
-    if weights is not None and not Path(weights).is_file():
-        # A path inside the image: the file is not on this machine.
-        assert weights == image_vgg_weights_path(), (
-            f"{path.name}: loss.vgg_weights {weights} is neither here nor where the "
-            f"Dockerfile puts the weights ({image_vgg_weights_path()})"
-        )
-        stand_in = tmp_path / "vgg16.pth"
-        stand_in.touch()
-        overrides.append(f"loss.vgg_weights={stand_in}")
     try:
-        load_config(path, overrides)
+        load_config(path)
     except ConfigError as error:
         pytest.fail(f"{path.name} no longer matches ulm_dist/config.py: {error}")
 
 
-def image_vgg_weights_path() -> str:
-    (download,) = [a for k, a in dockerfile_instructions() if k == "RUN" and "VGG16_URL" in a]
-    folder = re.search(r"model_dir='([^']+)'", download)[1]
-    return f"{folder}/{build_args()['VGG16_URL'].rsplit('/', 1)[-1]}"
+def test_the_image_bakes_the_vgg_weights_where_imagenet_runs_look_for_them():
+    """loss.perceptual=imagenet reads torchvision's file from PyTorch's hub cache,
+    $TORCH_HOME/hub/checkpoints: the image must download that URL there, with TORCH_HOME set
+    before the download and kept for the runs."""
+    from ulm_dist.models.perceptual import VGG16_URL
+
+    assert build_args()["VGG16_URL"] == VGG16_URL, (
+        "Dockerfile VGG16_URL vs VGG16_URL in ulm_dist/models/perceptual.py"
+    )
+    instructions = dockerfile_instructions()
+    (download,) = [i for i, (k, a) in enumerate(instructions) if k == "RUN" and "VGG16_URL" in a]
+    command = instructions[download][1]
+    assert "load_state_dict_from_url" in command and "check_hash=True" in command
+    assert "model_dir" not in command, "the weights must go to the hub cache, not elsewhere"
+    torch_home = [i for i, (k, a) in enumerate(instructions) if k == "ENV" and "TORCH_HOME=/" in a]
+    assert torch_home and torch_home[0] < download, "set ENV TORCH_HOME before the download"
 
 
 def test_faces_128_is_the_paper_sized_8_gpu_bf16_zero2_job():
-    weights = Path(image_vgg_weights_path())
-    config = load_config(REPO / "jobs" / "faces-128.yaml", [f"loss.vgg_weights={__file__}"])
+    config = load_config(REPO / "jobs" / "faces-128.yaml")
     assert (config.model.preset, config.model.image_size) == ("paper", 128)
     assert (config.train.precision, config.train.zero_stage) == ("bf16", 2)
     assert (config.train.num_workers, config.train.device) == (8, "gpu")
     assert config.data.train.startswith("s3://") and config.train.storage.startswith("s3://")
     # The driver runs in a scratch folder on the head node: a relative log_dir would vanish.
     assert Path(config.train.log_dir).is_absolute()
-    assert weights.name.startswith("vgg16-")
+    # ImageNet features, from the hub cache the image fills (no path that only the image has).
+    assert (config.loss.perceptual, config.loss.vgg_weights) == ("imagenet", None)
 
 
 def test_runtime_env_is_one_ray_accepts():
