@@ -30,6 +30,7 @@ from torch import nn
 
 from ulm_dist import artifact
 from ulm_dist.artifact import ArtifactError, Regressor
+from ulm_dist.redaction import redacted_config
 from ulm_dist.store import CHECKPOINT_PREFIX, CheckpointStore, StorageError, StoredCheckpoint
 from ulm_dist.trained import TrainedModel, load_trained
 
@@ -214,7 +215,7 @@ def write_artifact(
     torch.export.save(program, folder / artifact.DETECTOR_NAME)
     torch.save(model.state_dict(), folder / artifact.MODEL_WEIGHTS_NAME)
     (folder / artifact.CONFIG_NAME).write_text(
-        yaml.safe_dump(trained.config.to_dict(), sort_keys=False)
+        yaml.safe_dump(redacted_config(trained.config), sort_keys=False)
     )
     metadata = describe(trained, reason, regressor)
     (folder / artifact.METADATA_NAME).write_text(json.dumps(metadata, indent=1))

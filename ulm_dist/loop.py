@@ -11,7 +11,8 @@ the same run), else from `train.resume` if that names a checkpoint.
 
 A checkpoint holds the engine's state (weights, optimizer and LR schedule, sharded as the
 engine shards them), each worker's RNG states, `train_state.json` (step, samples seen,
-skipped samples, the resolved config) and, when the step was evaluated, the val pictures.
+skipped samples, the resolved config with URL credentials redacted) and, when the step was
+evaluated, the val pictures.
 The data stream restarts at every checkpoint, seeded with `train.seed + step`, so the step is
 also the stream position: a resumed run sees exactly the batches an uninterrupted run sees,
 without replaying what came before.
@@ -47,6 +48,7 @@ from ulm_dist.engine import (
     save_engine_state,
 )
 from ulm_dist.models import build_learner
+from ulm_dist.redaction import redacted_config
 from ulm_dist.store import CheckpointStore, open_filesystem
 from ulm_dist.trained import TRAIN_STATE_NAME
 from ulm_dist.validation import SHEET_FILES, load_validation_set, validate
@@ -186,8 +188,7 @@ def save_checkpoint(
         (folder / RNG_FOLDER).mkdir()
         torch.save(rng_states(), folder / RNG_FOLDER / f"rank_{rank:05d}.pt")
         if rank == 0:
-            saved = {**asdict(state), "world_size": world_size, "config": cfg.to_dict()}
-            (folder / TRAIN_STATE_NAME).write_text(json.dumps(saved, indent=1))
+            write_train_state(folder, state, cfg, world_size)
             for tag, png in pictures.items():
                 (folder / SHEET_FILES[tag]).write_bytes(png)
         ray.train.report(
@@ -195,6 +196,14 @@ def save_checkpoint(
             checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=store.checkpoint_dir_name(state.step),
         )
+
+
+def write_train_state(folder: Path, state: TrainState, cfg: Config, world_size: int) -> None:
+    """The checkpoint's `train_state.json`: where training stands, and the config that
+    `load_trained` rebuilds the learner from (URL credentials redacted: checkpoints are
+    copied and shared; the workers keep the real config)."""
+    saved = {**asdict(state), "world_size": world_size, "config": redacted_config(cfg)}
+    (folder / TRAIN_STATE_NAME).write_text(json.dumps(saved, indent=1))
 
 
 def restore(engine: Any, checkpoint: ray.train.Checkpoint, rank: int) -> TrainState:

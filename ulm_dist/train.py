@@ -41,6 +41,7 @@ from ulm_dist.data import ShardSet, resolve_shards
 from ulm_dist.engine import check_precision, resolve_precision
 from ulm_dist.loop import RESUME_KEYWORDS, train_func
 from ulm_dist.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
+from ulm_dist.redaction import print_redacted, redacted_config
 from ulm_dist.store import CheckpointStore, StorageError
 from ulm_dist.validation import SHEET_FILES
 
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(load_config(args.config, overrides), verbose=args.verbose)
     except (ConfigError, StorageError) as error:
-        print(f"ulm_dist.train: error: {error}", file=sys.stderr)
+        print_redacted(f"ulm_dist.train: error: {error}", file=sys.stderr)
         return 2
     except ray.train.TrainingFailedError as error:
-        print(f"ulm_dist.train: training failed: {error}", file=sys.stderr)
+        print_redacted(f"ulm_dist.train: training failed: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -100,7 +101,7 @@ def train(
     shards = prepare_data(cfg)
     val_shards = prepare_val_data(cfg)
 
-    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    config_text = yaml.safe_dump(redacted_config(cfg), sort_keys=False)
     store.write_text(CONFIG_NAME, config_text)
     log_folder = Path(cfg.train.log_dir).expanduser().resolve() / cfg.train.run_name
     metrics_log = MetricsLog(log_folder)
@@ -130,29 +131,29 @@ def train(
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
-    print(
+    print_redacted(
         f"run {cfg.train.run_name}: {cfg.train.num_workers} workers on "
         f"{'GPU' if use_gpu else 'CPU'}, {precision}, ZeRO-{cfg.train.zero_stage}; "
         f"{cfg.train.steps} steps x {cfg.train.batch_size} pairs; "
-        f"store {store.uri(store.run_path)}",
-        flush=True,
+        f"store {store.uri(store.run_path)}"
     )
     if val_shards is not None:
         every = cfg.train.eval_every or cfg.train.checkpoint_every
-        print(
+        print_redacted(
             f"evaluating on {cfg.data.val_spec()} (val split, {cfg.train.eval_samples} images) "
-            f"every {every} steps: val/landmark_error",
-            flush=True,
+            f"every {every} steps: val/landmark_error"
         )
     with printing_lines(lines):
         result = trainer.fit()
 
     latest = store.latest()
     final = store.uri(latest.path) if latest else "none"
-    print(f"checkpoint: {final}")
-    print(f"metrics:    {metrics_log.path}")
-    print(f"run folder: {store.uri(store.run_path)} (config, checkpoints, Ray Train's state)")
-    print(f"TensorBoard: tensorboard --logdir {log_folder / TENSORBOARD_NAME}", flush=True)
+    print_redacted(
+        f"checkpoint: {final}\n"
+        f"metrics:    {metrics_log.path}\n"
+        f"run folder: {store.uri(store.run_path)} (config, checkpoints, Ray Train's state)\n"
+        f"TensorBoard: tensorboard --logdir {log_folder / TENSORBOARD_NAME}"
+    )
     return result
 
 
@@ -221,7 +222,7 @@ def printing_lines(lines: Queue) -> Iterator[None]:
 
     def print_until_done() -> None:
         while (line := lines.get()) is not None:
-            print(line, flush=True)
+            print_redacted(line)
 
     printer = threading.Thread(target=print_until_done, daemon=True)
     printer.start()

@@ -37,6 +37,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ulm_dist.config import Config, ConfigError
 from ulm_dist.export import ExportError, resolve_checkpoint
 from ulm_dist.export import export as export_artifact
+from ulm_dist.redaction import print_redacted
 from ulm_dist.store import CheckpointStore, StorageError
 from ulm_dist.sweep_config import SweepConfig, load_sweep_config
 from ulm_dist.sweep_results import SweepResults, collect_results
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep_config(args.config)
         results = run_sweep(sweep, verbose=args.verbose)
     except (ConfigError, StorageError, ExportError) as error:
-        print(f"ulm_dist.tune: error: {error}", file=sys.stderr)
+        print_redacted(f"ulm_dist.tune: error: {error}", file=sys.stderr)
         return 2
     if results is None:
         return 1
@@ -117,7 +118,7 @@ def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     results.write(folder)
     export_dir = Path(sweep.export_dir or log_folder / "best").expanduser().resolve()
     results.exported = export_best(results, export_dir, base.data.s3_endpoint_url)
-    print(results.summary(), flush=True)
+    print_redacted(results.summary())
     return results
 
 
@@ -130,7 +131,7 @@ def make_tuner(
 ) -> ray.tune.Tuner:
     """A new Tuner, or the sweep's own restored from its folder if it was started before."""
     if ray.tune.Tuner.can_restore(folder.run_path, storage_filesystem=folder.filesystem):
-        print(f"sweep {sweep.name}: continuing from {folder.uri(folder.run_path)}", flush=True)
+        print_redacted(f"sweep {sweep.name}: continuing from {folder.uri(folder.run_path)}")
         # Errored trials resume too: their runs continue from their latest checkpoints.
         return ray.tune.Tuner.restore(
             folder.run_path,
@@ -272,7 +273,7 @@ def export_best(results: SweepResults, out: Path, endpoint_url: str | None) -> P
     if best is None or best.checkpoint is None:
         return None
     uri, reason = resolve_checkpoint(best.run, "best", endpoint_url)
-    print(f"exporting {best.name}: {uri} ({reason})", flush=True)
+    print_redacted(f"exporting {best.name}: {uri} ({reason})")
     return export_artifact(load_trained(uri, endpoint_url), out, reason, overwrite=True)
 
 
