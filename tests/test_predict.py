@@ -50,7 +50,10 @@ def test_a_folder_of_images_with_a_corrupt_one(artifact, tmp_path, capsys):
     assert main([str(artifact), str(images), "--out", str(out), "--batch-size", "2"]) == 0
     captured = capsys.readouterr()
     assert "d_corrupt.png: cannot read the image" in captured.err + captured.out
-    assert f"3 images, 1 failed: landmarks in {out / 'landmarks.csv'}" in captured.out
+    assert (
+        "4 images found: 3 predicted, 1 failed (see the warnings above); "
+        f"landmarks in {out / 'landmarks.csv'}"
+    ) in captured.out
 
     table = pyarrow.csv.read_csv(out / "landmarks.csv").to_pylist()
     assert len(table) == 3 * (K + L)
@@ -81,14 +84,55 @@ def test_parquet_and_the_exit_status_when_nothing_is_readable(artifact, tmp_path
     assert main([str(artifact), str(good), "--out", str(out), "--format", "parquet"]) == 0
     assert pyarrow.parquet.read_table(out / "landmarks.parquet").num_rows == K + L
     assert main([str(artifact), str(bad), "--out", str(tmp_path / "none")]) == 1
-    assert "0 images, 1 failed" in capsys.readouterr().out
+    assert "1 image found: 0 predicted, 1 failed (see the warnings above)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_unusable_arguments(artifact, tmp_path, capsys):
     out = ["--out", str(tmp_path / "out")]
     assert main([str(artifact), str(tmp_path / "missing.png"), *out]) == 2
     assert "missing.png: no such file or folder" in capsys.readouterr().err
-    assert main([str(tmp_path), str(tmp_path), *out]) == 2
+    image = tmp_path / "image.png"
+    Image.fromarray(random_picture(SIZE, SIZE, 0)).save(image)
+    assert main([str(tmp_path), str(image), *out]) == 2
     assert "not an exported detector (missing detector.pt2, metadata.json)" in (
         capsys.readouterr().err
     )
+    empty = tmp_path / "empty"
+    (empty / "nested").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    assert main([str(artifact), str(empty), *out]) == 2
+    assert f"no images found in {empty}: expected image files or folders" in (
+        capsys.readouterr().err
+    )
+
+
+def smooth_picture(height: int, width: int) -> np.ndarray:
+    """Gradients and a bright blob: decoded at a reduced scale, it looks the same."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    blob = np.exp(-((x - 0.6) ** 2 + (y - 0.3) ** 2) / 0.02)
+    channels = [x, y, blob]
+    return (np.stack(channels, -1) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_large_image_gets_a_capped_overlay_and_landmarks_in_its_own_pixels(
+    artifact, tmp_path, suffix
+):
+    picture = smooth_picture(2000, 3000)
+    path = tmp_path / f"large{suffix}"
+    Image.fromarray(picture).save(path)
+    out = tmp_path / "out"
+    assert main([str(artifact), str(path), "--out", str(out)]) == 0
+
+    with Image.open(out / "overlays" / "00000_large.png") as overlay:
+        assert overlay.size == (1024, 683)
+    # The detector on the centred 2000 x 2000 square of the fully decoded image, mapped back
+    # to the 3000 x 2000 image: a JPEG decoded at a reduced scale lands within a pixel or two.
+    square = torch.from_numpy(picture[:, 500:2500]).permute(2, 0, 1)[None].float() / 255
+    resized = torch.nn.functional.interpolate(square, (SIZE, SIZE), mode="area")
+    expected = load_detector(artifact)(resized)[0].numpy() * (2000 / SIZE) + np.float32([500, 0])
+    rows = pyarrow.csv.read_csv(out / "landmarks.csv").to_pylist()
+    found = np.array([[r["x"], r["y"]] for r in rows if r["kind"] == "discovered"])
+    np.testing.assert_allclose(found, expected, atol=4)

@@ -10,11 +10,15 @@ detector's S x S (bilinear); the landmarks are mapped back to the original image
 (`discovered`, or `regressed` for the annotated landmarks when the artifact has a regressor),
 `landmark`, and `x`, `y` in pixels of the original image (continuous, pixel i's centre at
 i + 0.5); and `DIR/overlays/<n>_<name>.png`, the n-th image with its landmarks as dots
-(regressed ones as crosses).
+(regressed ones as crosses), at most 1024 pixels on its long side.
+
+Large images are decoded at no more than the resolution the detector and the overlay need
+(JPEGs at 1/2, 1/4 or 1/8 scale, which their decoder does cheaply) and are not kept after
+that, so that a folder of camera or scan images does not fill the memory.
 
 An image that cannot be read is named in a warning, counted and skipped; the others are still
-processed. Exit status: 0 if at least one image got landmarks, 1 if none did (nothing found or
-nothing readable), 2 for unusable arguments (no such path, not an artifact).
+processed. Exit status: 0 if at least one image got landmarks, 1 if none did (none was
+readable), 2 for unusable arguments (no such path, no image found, not an artifact).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".bmp", ".webp", ".tif", ".tiff"}
 TABLE_NAME = "landmarks"
 OVERLAY_FOLDER = "overlays"
 # Overlays of small images are upscaled to at least this many pixels a side, so the dots
-# do not cover the object.
+# do not cover the object; those of large ones are downscaled to at most this many on the long
+# side (an 8000 x 8000 photo would give a 192 MB overlay, far more than is needed to see dots).
 OVERLAY_MIN_SIDE = 256
+OVERLAY_MAX_SIDE = 1024
 
 
 class PredictError(RuntimeError):
@@ -53,11 +59,14 @@ class PredictError(RuntimeError):
 
 @dataclass
 class SquareImage:
-    """An image as read, and the centred square the detector sees (left, top, side)."""
+    """An image as read: the centred square the detector sees, where that square lies in the
+    original image (left, top, side), and a copy of at most OVERLAY_MAX_SIDE pixels a side to
+    draw the landmarks on."""
 
     index: int  # position among all inputs: names the overlay
     path: Path
-    picture: Image.Image
+    picture: Image.Image  # for the overlay
+    picture_scale: float  # pixels of `picture` per pixel of the original image
     pixels: torch.Tensor  # (3, S, S) in [0, 1]
     box: tuple[float, float, float]
 
@@ -100,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     predictions = predict(detector, paths, args.out, args.batch_size)
     table = predictions.write(args.out, args.format)
+    failed = f", {predictions.failed} failed (see the warnings above)" if predictions.failed else ""
     print(
-        f"{predictions.succeeded} images, {predictions.failed} failed: landmarks in {table}, "
-        f"overlays in {args.out / OVERLAY_FOLDER}"
+        f"{len(paths)} image{'s' if len(paths) != 1 else ''} found: {predictions.succeeded} "
+        f"predicted{failed}; landmarks in {table}, overlays in {args.out / OVERLAY_FOLDER}"
     )
     return 0 if predictions.succeeded else 1
 
@@ -111,7 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ulm_dist.predict",
         description="Landmarks of image files with a detector from `python -m ulm_dist.export`.",
-        epilog="Exit status: 0 if any image got landmarks, 1 if none did, 2 for bad arguments.",
+        epilog="Exit status: 0 if any image got landmarks, 1 if none did, 2 for bad arguments "
+        "(including no image found).",
     )
     parser.add_argument("artifact", type=Path, help="the folder ulm_dist.export wrote")
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders")
@@ -143,6 +154,11 @@ def find_images(paths: list[Path]) -> list[Path]:
             found.append(path)
         else:
             raise PredictError(f"{path}: no such file or folder")
+    if not found:
+        raise PredictError(
+            f"no images found in {', '.join(map(str, paths))}: expected image files or folders "
+            f"holding files ending in {', '.join(sorted(PREDICT_SUFFIXES))}"
+        )
     return found
 
 
@@ -166,11 +182,39 @@ def predict(detector: Detector, paths: list[Path], out: Path, batch_size: int) -
 
 
 def read_square(index: int, path: Path, size: int) -> SquareImage:
+    """The image at `path`, decoded at no more than the resolution that the detector's S x S
+    view and the overlay need; the decoded image is dropped once both are made."""
     with Image.open(path) as opened:
-        picture = opened.convert("RGB")
-    box = crop_box(picture.width, picture.height, 1.0, None)
-    view = square_view(picture, None, size, box)
-    return SquareImage(index, path, picture, torch.from_numpy(view.image), box)
+        width, height = opened.size
+        # JPEGs decode at 1/2, 1/4 or 1/8 scale if that is still at least the size asked for;
+        # other formats ignore this and decode in full. `draft` says the scale it chose.
+        drafted = opened.draft("RGB", decode_size(width, height, size))
+        # convert() would copy an image that is RGB already: a second full-size copy.
+        decoded = opened if opened.mode == "RGB" else opened.convert("RGB")
+        decoded_scale = 1.0 if drafted is None else drafted[1][2] / width
+        box = crop_box(width, height, 1.0, None)
+        view = square_view(decoded, None, size, tuple(v * decoded_scale for v in box))
+        picture = fit_within(decoded, OVERLAY_MAX_SIDE)
+    return SquareImage(
+        index, path, picture, picture.width / width, torch.from_numpy(view.image), box
+    )
+
+
+def decode_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The smallest size to decode a width x height image at: its long side needs no more
+    than OVERLAY_MAX_SIDE pixels (the overlay), its short side at least `size` (the detector's
+    centred square)."""
+    scale = min(1.0, max(OVERLAY_MAX_SIDE / max(width, height), size / min(width, height)))
+    return math.ceil(width * scale), math.ceil(height * scale)
+
+
+def fit_within(picture: Image.Image, max_side: int) -> Image.Image:
+    """A copy of `picture`, downscaled to at most `max_side` pixels on its long side."""
+    scale = max_side / max(picture.size)
+    if scale >= 1:
+        return picture.copy()
+    shape = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    return picture.resize(shape, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def run_batch(
@@ -190,15 +234,18 @@ def run_batch(
 
 
 def overlay(image: SquareImage, found: np.ndarray, annotated: np.ndarray | None) -> Image.Image:
-    """Discovered landmarks as dots, regressed annotated ones as crosses, on the image."""
+    """Discovered landmarks as dots, regressed annotated ones as crosses, on the image;
+    `found` and `annotated` are in pixels of the original image."""
     scale = max(1, math.ceil(OVERLAY_MIN_SIDE / max(image.picture.size)))
+    found = found * image.picture_scale
     picture = draw_points(
         np.asarray(image.picture), found, landmark_colours(len(found)), scale=scale
     )
     if annotated is None:
         return picture
     colours = landmark_colours(len(annotated))
-    return draw_points(np.asarray(picture), annotated * scale, colours, marker="cross")
+    annotated = annotated * (image.picture_scale * scale)
+    return draw_points(np.asarray(picture), annotated, colours, marker="cross")
 
 
 if __name__ == "__main__":
