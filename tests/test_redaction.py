@@ -69,3 +69,18 @@ def test_a_secret_in_an_endpoint_url_is_in_no_written_config_or_state(
         assert path.is_dir() or SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in "".join(capsys.readouterr())
     assert cfg.data.s3_endpoint_url == ENDPOINT, "the run itself uses the URL as given"
+
+
+def test_a_secret_in_an_endpoint_url_is_not_printed(capsys, tmp_path, s3_server, unused_tcp_port):
+    # Nothing listens there: the driver's error names the endpoint.
+    endpoint = f"http://PLANTEDKEY:{SECRET}@127.0.0.1:{unused_tcp_port}"
+    argv = [
+        f"train.storage={tmp_path / 'runs'}",
+        f"train.log_dir={tmp_path / 'logs'}",
+        "data.train=s3://bucket/faces",
+        f"data.s3_endpoint_url={endpoint}",
+    ]
+    assert ulm_dist.train.main(argv) == 2
+    printed = capsys.readouterr()
+    assert f"(endpoint http://***@127.0.0.1:{unused_tcp_port}): cannot reach" in printed.err
+    assert SECRET not in printed.out + printed.err

@@ -1,6 +1,7 @@
 """Bad configurations stop `python -m ulm_dist.train` with a clear message before Ray or any
 worker starts (exit code 2)."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,50 @@ def test_unwritable_local_storage_is_refused(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     error = refused(capsys, [f"train.storage={tmp_path / 'file'}"])
     assert f"train.storage: cannot write to {tmp_path / 'file' / 'demo'}" in error
+
+
+def test_an_empty_folder_as_train_data_is_refused(capsys, tmp_path, run_args):
+    (tmp_path / "faces").mkdir()
+    error = refused(capsys, [*run_args, f"data.train={tmp_path / 'faces'}"])
+    assert f"data.train: data spec '{tmp_path / 'faces'}': expected " in error
+    assert "build the shards with `python -m ulm_dist.data build`" in error
+
+
+def test_a_shard_pattern_matching_no_file_is_refused(capsys, tmp_path, run_args):
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    pattern = f"{tmp_path}/trian-{{000000..000003}}.tar"
+    error = refused(capsys, [*run_args, f"data.train={pattern}"])
+    assert (
+        f"data.train: shard pattern '{pattern}': matches no file (it names 4, from "
+        f"{tmp_path}/trian-000000.tar to {tmp_path}/trian-000003.tar); check the folder"
+    ) in error
+
+
+def test_a_shard_pattern_in_s3_matching_no_file_is_refused(capsys, run_args, s3_server, s3_bucket):
+    pattern = f"{s3_bucket}/faces/train-{{000000..000001}}.tar"
+    overrides = [f"data.train={pattern}", f"data.s3_endpoint_url={s3_server}"]
+    assert f"data.train: shard pattern '{pattern}': matches no file" in refused(
+        capsys, [*run_args, *overrides]
+    )
+
+
+def test_a_missing_bucket_as_train_data_is_refused(capsys, run_args, s3_server):
+    overrides = ["data.train=s3://no-such-bucket/faces", f"data.s3_endpoint_url={s3_server}"]
+    error = refused(capsys, [*run_args, *overrides])
+    assert "data.train: s3://no-such-bucket/faces/manifest.parquet" in error
+    assert "the bucket does not exist; create it or fix the URL" in error
+
+
+def test_an_s3_endpoint_with_nothing_listening_is_refused_in_seconds(
+    capsys, run_args, s3_server, unused_tcp_port
+):
+    endpoint = f"http://127.0.0.1:{unused_tcp_port}"
+    overrides = ["data.train=s3://bucket/faces", f"data.s3_endpoint_url={endpoint}"]
+    started = time.monotonic()
+    error = refused(capsys, [*run_args, *overrides])
+    assert time.monotonic() - started < 20
+    assert f"data.train: s3://bucket/faces/manifest.parquet (endpoint {endpoint}): cannot " in error
+    assert "check data.s3_endpoint_url and the network" in error
 
 
 def test_resume_never_refuses_a_run_that_has_checkpoints(capsys, tmp_path, run_args):

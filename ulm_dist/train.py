@@ -6,12 +6,13 @@
 With no arguments it trains the embedded default: local Ray (or the cluster in RAY_ADDRESS,
 as under `ray job submit`), the synthetic data set, the tiny preset, 2 workers, CPU if the
 cluster has no GPU, checkpoints in `runs/<run_name>`. Everything that can be checked is
-checked before any worker starts (config keys and values, storage, resume point, device and
-precision); then a `TorchTrainer` runs `loop.train_func` on every worker. A reporter running
-in Ray Train's controller marks checkpoints complete, writes the metrics and sends the
-progress lines that this driver prints; checkpoints reported with `val/` metrics (see
-`validation.py`) carry them in their completion marker, for picking the best one. A rerun
-with the same run name continues from the run's latest checkpoint (`train.resume`).
+checked before any worker starts: config keys and values, storage, resume point and data
+before Ray starts, then device and precision. Then a `TorchTrainer` runs `loop.train_func`
+on every worker. A reporter running in Ray Train's controller marks checkpoints complete,
+writes the metrics and sends the progress lines that this driver prints; checkpoints
+reported with `val/` metrics (see `validation.py`) carry them in their completion marker,
+for picking the best one. A rerun with the same run name continues from the run's latest
+checkpoint (`train.resume`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from ulm_dist.config import Config, ConfigError, load_config
-from ulm_dist.data import ShardSet, resolve_shards
+from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
 from ulm_dist.engine import check_precision, resolve_precision
 from ulm_dist.loop import RESUME_KEYWORDS, train_func
 from ulm_dist.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
@@ -96,10 +97,10 @@ def train(
     store = CheckpointStore(cfg.train.storage, cfg.train.run_name, cfg.data.s3_endpoint_url)
     store.check_writable()
     check_resume(cfg, store)
-    use_gpu = choose_device(cfg, verbose)
-    precision = choose_precision(cfg, use_gpu)
     shards = prepare_data(cfg)
     val_shards = prepare_val_data(cfg)
+    use_gpu = choose_device(cfg, verbose)
+    precision = choose_precision(cfg, use_gpu)
 
     config_text = yaml.safe_dump(redacted_config(cfg), sort_keys=False)
     store.write_text(CONFIG_NAME, config_text)
@@ -326,7 +327,7 @@ def _gpu_supports_bf16() -> bool:
 
 def prepare_data(cfg: Config) -> ShardSet:
     """The train shards; the synthetic set is generated into the cache on first use."""
-    return resolve_shards(cfg.data, cfg.data.train, "train", image_size=cfg.model.image_size)
+    return checked_shards(cfg, cfg.data.train, "train", "data.train")
 
 
 def prepare_val_data(cfg: Config) -> ShardSet | None:
@@ -334,10 +335,7 @@ def prepare_val_data(cfg: Config) -> ShardSet | None:
     spec = cfg.data.val_spec()
     if spec is None:
         return None
-    try:
-        shards = resolve_shards(cfg.data, spec, "val", image_size=cfg.model.image_size)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"data.val: {error}") from error
+    shards = checked_shards(cfg, spec, "val", "data.val")
     if shards.summary is not None and shards.summary.num_landmarks == 0:
         raise ConfigError(
             f"data.val: {spec} has no landmarks ({shards.summary.source}); periodic evaluation "
@@ -345,6 +343,17 @@ def prepare_val_data(cfg: Config) -> ShardSet | None:
             "data.val=null"
         )
     return shards
+
+
+def checked_shards(cfg: Config, spec: str, split: str, field: str) -> ShardSet:
+    """The shards `spec` names, resolved on the driver before Ray starts. Data that is not
+    there (an empty folder, a pattern matching no file) or a store that cannot be read (a
+    missing bucket, an endpoint that does not answer) is a ConfigError naming `field`: on the
+    workers it would fail every restart the same way, train.max_failures times over."""
+    try:
+        return resolve_shards(cfg.data, spec, split, image_size=cfg.model.image_size)
+    except (FileNotFoundError, ValueError, S3AccessError) as error:
+        raise ConfigError(f"{field}: {error}") from error
 
 
 if __name__ == "__main__":

@@ -80,12 +80,13 @@ def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     base = sweep.base_config()
     folder = CheckpointStore(sweep.storage, sweep.name, base.data.s3_endpoint_url)
     folder.check_writable()
+    # Checked (and the synthetic set generated) once, before Ray starts: concurrent trials
+    # must not all generate it at once.
+    prepare_data(base)
     start_ray(verbose)
-    # Decided once here: a trial asking the cluster could wait on a GPU its neighbours hold,
-    # and concurrent trials must not all generate the synthetic set at once.
+    # Decided once here: a trial asking the cluster could wait on a GPU its neighbours hold.
     use_gpu = choose_device(base, verbose)
     precision = choose_precision(base, use_gpu)
-    prepare_data(base)
     log_folder = Path(sweep.log_dir).expanduser().resolve() / sweep.name
     runs_uri = folder.uri(f"{folder.run_path}/{TRIAL_RUNS}")
     fixed = [

@@ -207,6 +207,11 @@ def test_resolve_synthetic_spec_and_shard_patterns(tmp_path):
     assert pattern.total_samples == sum(synthetic.sample_counts[u] for u in synthetic.urls[:2])
     with pytest.raises(FileNotFoundError, match="found neither"):
         resolve_shards(data, str(tmp_path / "nothing"), "train", image_size=16)
+    # Shards that are missing are skipped by the reader, but a pattern must match one.
+    partly = resolve_shards(data, f"{folder}/val-{{000000..000099}}.tar", "train", image_size=16)
+    assert len(partly.urls) == 100
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        resolve_shards(data, f"{folder}/train-{{000000..000001}}.tar", "train", image_size=16)
 
 
 def test_sample_keys_name_the_source_images(tmp_path, make_dot_folder):

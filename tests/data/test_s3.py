@@ -107,6 +107,24 @@ def test_missing_object_is_skipped_and_counted(s3_server, s3_bucket):
     assert len(keys) == 7 and skipped == 5
 
 
+def test_a_shard_pattern_must_match_an_object(s3_server, s3_bucket):
+    build_synthetic(
+        f"{s3_bucket}/set",
+        split_samples={"val": 12},
+        image_size=16,
+        shard_samples=5,
+        write=WriteOptions(s3=S3Options(s3_server), progress=False),
+    )
+    data = DataConfig(s3_endpoint_url=s3_server)
+    whole = resolve_shards(data, f"{s3_bucket}/set", "val", image_size=16)
+    folder = whole.urls[0].rsplit("/", 1)[0]
+    # 3 shards of 12 samples; the missing ones would be skipped by the reader.
+    partly = resolve_shards(data, f"{folder}/val-{{000000..000009}}.tar", "val", image_size=16)
+    assert partly.urls[:3] == whole.urls and len(partly.urls) == 10
+    with pytest.raises(FileNotFoundError, match=r"val-\{000010\.\.000019\}\.tar'.*matches no"):
+        resolve_shards(data, f"{folder}/val-{{000010..000019}}.tar", "val", image_size=16)
+
+
 def test_missing_bucket_is_a_clear_error_naming_the_url(s3_server):
     data = DataConfig(s3_endpoint_url=s3_server)
     with pytest.raises(S3AccessError, match=r"s3://no-such-bucket/x.*bucket does not exist"):

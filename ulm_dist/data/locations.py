@@ -43,6 +43,14 @@ def read_bytes(url: str, options: S3Options) -> bytes:
     return Path(url).read_bytes()
 
 
+def list_names(folder: str, options: S3Options) -> set[str]:
+    """Names of the files directly in `folder`; empty if there is no such folder."""
+    if s3.is_s3_url(folder):
+        return s3.list_names(folder, options)
+    path = Path(folder)
+    return {entry.name for entry in path.iterdir() if entry.is_file()} if path.is_dir() else set()
+
+
 def write_bytes(url: str, data: bytes, options: S3Options) -> None:
     if s3.is_s3_url(url):
         s3.put_object(url, data, options)

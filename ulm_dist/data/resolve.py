@@ -6,7 +6,8 @@ A data spec is one of:
   split (`train/`, `val/`, `test/`, as `python -m ulm_dist.data build` writes them), from which
   the requested split is taken;
 - a shard pattern such as `dir/train-{000000..000009}.tar` (brace-expanded); sample counts then
-  come from a manifest beside the shards when there is one.
+  come from a manifest beside the shards when there is one. A pattern that matches no file is
+  refused; one that matches some is taken as is (the reader skips and counts missing shards).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def resolve_shards(data: DataConfig, spec: str, split: str, *, image_size: int) 
 
 def _from_pattern(pattern: str, options: S3Options) -> ShardSet:
     urls = tuple(braceexpand.braceexpand(pattern))
+    _check_matches_a_shard(pattern, urls, options)
     try:
         manifest = read_manifest(locations.parent(urls[0]), options)
     except FileNotFoundError:
@@ -83,3 +85,16 @@ def _from_pattern(pattern: str, options: S3Options) -> ShardSet:
     by_name = {posixpath.basename(shard.url): shard.samples for shard in manifest.shards}
     counts = {url: by_name[name] for url in urls if (name := posixpath.basename(url)) in by_name}
     return ShardSet(urls, counts, manifest.summary)
+
+
+def _check_matches_a_shard(pattern: str, urls: tuple[str, ...], options: S3Options) -> None:
+    """Refuse a pattern that names no existing file: every worker would find nothing to read.
+    (Some missing shards are fine: the reader skips them and counts their samples.) One listing
+    per folder, not one request per shard."""
+    folders = {locations.parent(url) for url in urls}
+    names = {folder: locations.list_names(folder, options) for folder in folders}
+    if not any(posixpath.basename(url) in names[locations.parent(url)] for url in urls):
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r}: matches no file (it names {len(urls)}, from {urls[0]} "
+            f"to {urls[-1]}); check the folder, the file names and the range in braces"
+        )

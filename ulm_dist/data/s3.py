@@ -131,6 +131,22 @@ def read_object(url: str, options: S3Options) -> bytes:
         return stream.read()
 
 
+def list_names(folder_url: str, options: S3Options) -> set[str]:
+    """Names of the objects directly in the "folder" `folder_url` (the prefix up to a '/')."""
+    bucket, key = split_s3_url(folder_url)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    names: set[str] = set()
+    with _named_errors(folder_url, options):
+        pages = (
+            s3_client(options)
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        )
+        for page in pages:
+            names.update(item["Key"].removeprefix(prefix) for item in page.get("Contents", []))
+    return names
+
+
 def put_object(url: str, data: bytes, options: S3Options) -> None:
     bucket, key = split_s3_url(url)
     with _named_errors(url, options):
