@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from ulm_dist.config import ConfigError, load_config
 from ulm_dist.engine import check_precision, deepspeed_config, resolve_precision
@@ -39,11 +40,36 @@ def test_zero_clipping_optimizer_and_schedule_come_from_the_train_config():
     assert config["optimizer"]["type"] == "AdamW"
     assert config["optimizer"]["params"]["lr"] == 0.01
     assert config["optimizer"]["params"]["weight_decay"] == 0.1
-    schedule = config["scheduler"]
-    assert schedule["type"] == "WarmupCosineLR"
-    assert schedule["params"]["total_num_steps"] == 500
-    assert schedule["params"]["warmup_num_steps"] == 50
-    assert schedule["params"]["warmup_type"] == "linear"
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 50
+
+
+def _learning_rates(schedule: str, at: list[int]) -> list[float]:
+    """The learning rate DeepSpeed's own scheduler sets at each step in `at`, for the
+    scheduler section `deepspeed_config` writes."""
+    from deepspeed.runtime import lr_schedules
+
+    train = train_config(
+        "train.lr=0.01", "train.steps=500", "train.warmup_steps=50", f"train.lr_schedule={schedule}"
+    )
+    section = deepspeed_config(train, world_size=1, precision="fp32")["scheduler"]
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=0.01)
+    scheduler = getattr(lr_schedules, section["type"])(optimizer, **section["params"])
+    rates = {}
+    for step in range(max(at) + 1):
+        rates[step] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+    return [rates[step] for step in at]
+
+
+def test_constant_schedule_holds_the_rate_after_the_warm_up():
+    early, warm, late = _learning_rates("constant", [10, 60, 480])
+    assert early < 0.01 and warm == pytest.approx(0.01) and late == pytest.approx(0.01)
+
+
+def test_cosine_schedule_decays_towards_zero_by_the_last_step():
+    warm, middle, late = _learning_rates("cosine", [60, 275, 495])
+    assert warm == pytest.approx(0.01, rel=0.02)
+    assert 0.003 < middle < 0.007 and late < 0.0005
 
 
 @pytest.mark.parametrize(

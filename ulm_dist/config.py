@@ -10,6 +10,7 @@ override the preset.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ class ModelConfig:
     appearance_dim: int = option(64, "width of each per-landmark appearance code", min=1)
     heatmap_std: float = option(
         0.1, "std of the rendered Gaussian landmark maps, in normalised [-1, 1] units", min=1e-3
+    )
+    norm: Literal["batch", "group"] = option(
+        "batch",
+        "normalisation in every conv block: batch (Jakab et al., Lorenz et al.; keeps each "
+        "image's contrast) or group (per image, batch-independent; see models/networks.py)",
     )
     flow_channels: int = option(32, "feature width used by the cross-image flow module", min=1)
     flow_kernel: int = option(3, "side of each 2D kernel of the factorised 4D convolution", min=1)
@@ -96,14 +102,34 @@ class LossConfig:
         "models/cycle.py)",
         min=0,
     )
+    recon_appearance: Literal["same", "transformed"] = option(
+        "transformed",
+        "cycle: where the self-reconstruction takes its appearance codes, from the image "
+        "itself, D(a_i, p_i), or from a random warp of it as L_transform draws them, "
+        "D(a(W(I_i)), p_i), so that the image's geometry reaches D only through p_i "
+        "(see models/cycle.py)",
+    )
     lambda_transform: float = option(
         5.0,
         "weight of the equivariance under random similarities |E_p(S(x)) - S(E_p(x))|^2, "
         "every learner (Lorenz et al.'s 5 to reconstruction's 1; see models/priors.py)",
         min=0,
     )
+    transform_deformation: float = option(
+        0.05,
+        "std of the smooth random deformation that L_transform adds to its similarities "
+        "(shifts of a 4x4 control lattice, normalised units); 0: similarities only",
+        min=0,
+        max=0.2,
+    )
     lambda_separation: float = option(
         1.0, "weight of the prior that keeps landmarks apart (see models/priors.py)", min=0
+    )
+    lambda_concentration: float = option(
+        0.0,
+        "weight of the concentration prior, the spread of each landmark's score map (Zhang et "
+        "al. 2018; see models/priors.py)",
+        min=0,
     )
     separation_std: float = option(
         0.15, "distance scale of the separation prior, in normalised [-1, 1] units", min=1e-3
@@ -233,7 +259,11 @@ class TrainConfig:
     batch_size: int = option(16, "image pairs per optimizer step, summed over workers", min=1)
     lr: float = option(1e-3, "peak learning rate (Adam)", min=0)
     weight_decay: float = option(1e-5, "AdamW weight decay", min=0)
-    warmup_steps: int = option(20, "linear learning-rate warm-up before the cosine decay", min=0)
+    lr_schedule: Literal["constant", "cosine"] = option(
+        "constant",
+        "after the warm-up: hold train.lr (as Jakab et al.) or decay it to 0 by train.steps",
+    )
+    warmup_steps: int = option(20, "linear learning-rate warm-up from 0 to train.lr", min=0)
     grad_clip: float = option(1.0, "gradient-norm clipping threshold (0 disables)", min=0)
     log_every: int = option(10, "steps between progress lines", min=1)
     num_workers: int = option(2, "Ray Train workers: one process (and one GPU on GPUs) each", min=1)
@@ -301,10 +331,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        if not self.run_name or "/" in self.run_name:
-            raise ConfigError(
-                f"train.run_name: expected a folder name without '/', got {self.run_name!r}"
-            )
+        check_folder_name(self.run_name, "train.run_name")
         shares = self.num_workers * self.grad_accum_steps
         if self.batch_size % shares:
             raise ConfigError(
@@ -340,12 +367,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = {} if path is None else read_yaml_mapping(path, "sections")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -356,8 +378,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_yaml(value, f"override {item!r}")
     return config_from_dict(raw)
+
+
+def read_yaml_mapping(path: str | Path, contents: str) -> dict[str, Any]:
+    """The mapping in the YAML file at `path` (`contents` says what it maps, for errors).
+    A file that cannot be read is a ConfigError naming it, so that a command exits with one
+    line instead of a traceback."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: no such file; expected a YAML file, check the path") from error
+    except IsADirectoryError as error:
+        raise ConfigError(
+            f"{path}: expected a YAML file, got a folder; name one of the files in it"
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it as a YAML text file: {error}") from error
+    raw = parse_yaml(text, str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {contents}, got {type(raw).__name__}")
+    return raw
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`text` parsed as YAML; a syntax error is a ConfigError naming `source` and, as PyYAML's
+    own message does not (it says "<unicode string>"), the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({error.context})" if error.context else ""
+        raise ConfigError(
+            f"{source}: invalid YAML{where}: {error.problem}{context}; fix the syntax there"
+        ) from error
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"{source}: invalid YAML: {first_line}; fix the syntax there") from error
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -424,7 +483,21 @@ def _coerce(kind: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if not isinstance(value, kind):
         raise ConfigError(f"{path}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        # YAML's .nan and .inf are floats, but no field has a use for them: a NaN learning rate
+        # or heatmap width would only turn the first step's loss into NaN.
+        raise ConfigError(f"{path}: expected a finite number, got {value}")
     return value
+
+
+def check_folder_name(name: str, path: str) -> None:
+    """Refuse a name that is not one plain folder: it is joined to a storage path, where a
+    separator or '..' would put the folder elsewhere and '' or '.' would be the storage itself."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(
+            f"{path}: expected a plain folder name (not '', '.' or '..', without '/' or '\\'), "
+            f"got {name!r}"
+        )
 
 
 def _check_range(spec: dataclasses.Field, value: Any, path: str) -> None:

@@ -63,18 +63,22 @@ def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dic
             # use, need a CUDA toolchain on GPUs and do not exist for CPUs.
             "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True},
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": train.steps,
-                # DeepSpeed needs at least one warm-up step.
-                "warmup_num_steps": max(1, train.warmup_steps),
-                "warmup_type": "linear",
-            },
-        },
+        "scheduler": lr_scheduler(train),
         "steps_per_print": _NEVER,
         # DeepSpeed's own timing of each collective, read by `collective_seconds`.
         "comms_logger": {"enabled": train.time_collectives, "prof_all": True, "verbose": False},
+    }
+
+
+def lr_scheduler(train: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed's scheduler section for `train.lr_schedule`."""
+    # DeepSpeed needs at least one warm-up step.
+    warmup = {"warmup_num_steps": max(1, train.warmup_steps), "warmup_type": "linear"}
+    if train.lr_schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {"total_num_steps": train.steps, **warmup}}
+    return {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr, **warmup},
     }
 
 

@@ -9,12 +9,15 @@ small_learner = partial(build_small_learner, "cycle")
 
 
 def test_swapping_the_pair_swaps_every_output():
-    # Without the transform prior: it draws a random similarity per image, so the two calls
-    # would compare different draws.
-    learner = small_learner("loss.lambda_transform=0")
+    # The learner without the similarity-moved views: it draws a random similarity per image,
+    # so two calls would compare different draws. The model gets the same moved views, swapped.
+    learner = small_learner("loss.lambda_transform=0", "loss.recon_appearance=same")
     a, b = blobs(3, seed=1), blobs(3, seed=2)
+    moved_a, moved_b = blobs(3, seed=11), blobs(3, seed=12)
     with torch.no_grad():
-        ab, ba = learner.model(a, b), learner.model(b, a)
+        ab = learner.model(a, b, torch.cat([moved_a, moved_b]))
+        ba = learner.model(b, a, torch.cat([moved_b, moved_a]))
+        assert torch.allclose(ab.moved_landmarks, ba.moved_landmarks.roll(3, 0), atol=1e-5)
         for name in (
             "landmarks",
             "landmarks_again",
@@ -32,7 +35,8 @@ def test_swapping_the_pair_swaps_every_output():
 
 
 def test_cycle_uses_the_right_pose_for_each_reconstruction():
-    learner = small_learner()
+    # Evaluation mode: BatchNorm then normalises each image on its own, as a lone call does.
+    learner = small_learner().eval()
     a, b = blobs(2, seed=3), blobs(2, seed=4)
     with torch.no_grad():
         out = learner.model(a, b)
@@ -117,3 +121,56 @@ def test_bf16_learner_trains_as_deepspeed_runs_it():
     losses["total"].backward()
     assert torch.isfinite(losses["total"]).item()
     assert learner.model.pose_encoder.score_head.weight.grad.abs().sum() > 0
+
+
+def test_the_one_hop_reconstruction_takes_its_codes_from_the_warped_images():
+    learner = small_learner("loss.perceptual=pixels").eval()  # eval: BatchNorm per image
+    a, b = blobs(2, seed=15), blobs(2, seed=16)
+    images = torch.cat([a, b])
+    with torch.no_grad():
+        torch.manual_seed(3)
+        losses = learner(a, b)
+        torch.manual_seed(3)  # the same warps, drawn first in forward()
+        _, moved = learner.warped_views(images)
+        pose = learner.model.encode(images)[0]
+        codes = learner.model.encode(moved)[1]
+        redrawn = learner.model.decode(codes, pose.points)
+    per_image = (redrawn - images).abs().flatten(1).mean(1)
+    expected = per_image[:2].mean() + per_image[2:].mean()
+    assert losses["recon"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _decoder_sensitivity(learner, images: torch.Tensor) -> tuple[float, float]:
+    """How much D's output moves when every landmark moves by 0.2, and when only the
+    background code is swapped with another image's: mean absolute pixel changes."""
+    with torch.no_grad():
+        pose, codes = learner.model.encode(images)
+        drawn = learner.model.decode(codes, pose.points)
+        moved = learner.model.decode(codes, pose.points + 0.2)
+        swapped_codes = codes.clone()
+        swapped_codes[:, -1] = codes.roll(1, 0)[:, -1]
+        swapped = learner.model.decode(swapped_codes, pose.points)
+    return (moved - drawn).abs().mean().item(), (swapped - drawn).abs().mean().item()
+
+
+def test_codes_from_moved_images_make_the_decoder_rely_on_the_landmarks():
+    ratios = {}
+    for setting in ("same", "transformed"):
+        learner = small_learner("loss.perceptual=pixels", f"loss.recon_appearance={setting}")
+        loss_history(learner, blobs(8, seed=17), blobs(8, seed=18), steps=80)
+        move, swap = _decoder_sensitivity(learner.eval(), blobs(8, seed=19))
+        ratios[setting] = move / swap
+    # Codes pooled from the image itself carry its geometry, so the decoder can ignore the
+    # landmarks; codes from a moved copy cannot say where the parts are in the original.
+    assert (
+        ratios["transformed"] > 1.0 > ratios["same"] or ratios["transformed"] > 2 * ratios["same"]
+    ), ratios
+
+
+def test_the_concentration_prior_sharpens_the_score_maps_during_a_short_fit():
+    learner = small_learner("loss.perceptual=pixels", "loss.lambda_concentration=1")
+    images = blobs(8, seed=20)
+    spread_before = learner.model.pose_encoder(images).spread.mean().item()
+    loss_history(learner, images, blobs(8, seed=21), steps=40)
+    spread_after = learner.model.pose_encoder(images).spread.mean().item()
+    assert spread_after < 0.5 * spread_before, (spread_before, spread_after)

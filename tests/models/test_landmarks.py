@@ -5,6 +5,7 @@ from ulm_dist.models.landmarks import (
     pixel_centres,
     render_gaussian_heatmaps,
     spatial_softmax,
+    spatial_softmax_with_spread,
     to_pixels,
 )
 
@@ -55,3 +56,23 @@ def test_spatial_softmax_is_differentiable_towards_higher_scores():
     x.backward()
     # Raising scores on the right moves x right.
     assert scores.grad[0, 0, :, -1].gt(0).all() and scores.grad[0, 0, :, 0].lt(0).all()
+
+
+def test_spread_is_zero_for_a_delta_and_the_variance_of_a_gaussian():
+    delta = torch.full((1, 1, 16, 16), -1e4)
+    delta[0, 0, 4, 9] = 0.0
+    assert spatial_softmax_with_spread(delta)[1].item() == pytest.approx(0.0, abs=1e-8)
+    # A Gaussian log-score map is a Gaussian distribution: var(x) + var(y) = 2 std^2, up to
+    # the grid's discretisation, for a point well inside the image.
+    std = 0.1
+    maps = render_gaussian_heatmaps(torch.tensor([[[0.1, -0.2]]]), 64, std)
+    points, spread = spatial_softmax_with_spread(maps.clamp_min(1e-30).log())
+    assert torch.allclose(points, torch.tensor([[[0.1, -0.2]]]), atol=1e-4)
+    assert spread.item() == pytest.approx(2 * std**2, rel=0.02)
+
+
+def test_uniform_scores_spread_as_a_uniform_distribution_over_pixel_centres():
+    size = 8
+    spread = spatial_softmax_with_spread(torch.zeros(1, 1, size, size))[1]
+    per_axis = (pixel_centres(size) ** 2).mean()  # centred on 0 by symmetry
+    assert spread.item() == pytest.approx(2 * per_axis.item(), rel=1e-6)

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from ulm_dist.config import load_config
-from ulm_dist.models.priors import landmark_priors, separation_loss
+from ulm_dist.models.priors import (
+    WarpedDetections,
+    concentration_loss,
+    landmark_priors,
+    separation_loss,
+)
+from ulm_dist.models.similarity import random_warps
 
 
 def test_separation_is_one_for_coincident_landmarks_and_vanishes_far_apart():
@@ -36,3 +42,30 @@ def test_priors_with_zero_weight_are_not_computed():
     points = torch.zeros(2, 3, 2)
     terms = landmark_priors(detect, torch.zeros(2, 3, 8, 8), points, config)
     assert set(terms) == {"sep"} and terms["sep"].item() == pytest.approx(1.0)
+
+
+def test_concentration_is_the_mean_spread_and_needs_the_spread():
+    spread = torch.tensor([[0.1, 0.3], [0.2, 0.0]])
+    assert concentration_loss(spread).item() == pytest.approx(0.15)
+    config = load_config(None, ["loss.lambda_transform=0", "loss.lambda_concentration=1"]).loss
+    points = torch.zeros(2, 2, 2)
+    terms = landmark_priors(None, torch.zeros(2, 3, 8, 8), points, config, spread=spread)
+    assert terms["conc"].item() == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="spread"):
+        landmark_priors(None, torch.zeros(2, 3, 8, 8), points, config)
+
+
+def test_transform_prior_uses_the_learners_own_detections_when_given():
+    config = load_config(None, ["loss.lambda_separation=0"]).loss
+
+    def detect(images: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the learner's detections are given: no extra detector pass")
+
+    warp = random_warps(2, 0.05, generator=torch.Generator().manual_seed(0))
+    points = torch.rand(2, 3, 2) - 0.5
+    exact = WarpedDetections(warp, warp.points(points))
+    terms = landmark_priors(detect, torch.zeros(2, 3, 8, 8), points, config, warped=exact)
+    assert terms["transform"].item() == pytest.approx(0.0, abs=1e-10)
+    off = WarpedDetections(warp, exact.points + 0.1)
+    terms = landmark_priors(detect, torch.zeros(2, 3, 8, 8), points, config, warped=off)
+    assert terms["transform"].item() == pytest.approx(2 * 0.1**2, rel=1e-4)

@@ -5,9 +5,11 @@ from small_learners import blobs
 
 from ulm_dist.models.landmarks import render_gaussian_heatmaps, spatial_softmax
 from ulm_dist.models.similarity import (
+    RandomWarp,
     invert_affine,
     move_points,
     random_similarities,
+    random_warps,
     similarity_transforms,
     transform_equivariance_loss,
     warp_images,
@@ -68,7 +70,9 @@ def test_the_equivariance_loss_is_zero_only_for_an_equivariant_detector():
     centres = torch.rand(4, 3, 2) - 0.5
     images = render_gaussian_heatmaps(centres, 64, std=0.06)
     transforms = random_similarities(4, generator=torch.Generator().manual_seed(1))
-    exact = transform_equivariance_loss(blob_centres, images, blob_centres(images), transforms)
+    exact = transform_equivariance_loss(
+        blob_centres, images, blob_centres(images), RandomWarp(transforms, None)
+    )
     assert exact < 1e-5
 
     def fixed(images: torch.Tensor) -> torch.Tensor:
@@ -77,5 +81,29 @@ def test_the_equivariance_loss_is_zero_only_for_an_equivariant_detector():
     def invariant(images: torch.Tensor) -> torch.Tensor:
         return centres  # right on x, and ignores the warp
 
-    assert transform_equivariance_loss(fixed, images, fixed(images), transforms) > 100 * exact
-    assert transform_equivariance_loss(invariant, images, centres, transforms) > 100 * exact
+    warp = RandomWarp(transforms, None)
+    assert transform_equivariance_loss(fixed, images, fixed(images), warp) > 100 * exact
+    assert transform_equivariance_loss(invariant, images, centres, warp) > 100 * exact
+
+
+def test_deformed_warps_move_points_with_the_pixels():
+    centres = torch.rand(6, 3, 2) - 0.5
+    images = render_gaussian_heatmaps(centres, 64, std=0.05)
+    warp = random_warps(6, 0.06, generator=torch.Generator().manual_seed(2))
+    assert warp.offsets is not None
+    found = blob_centres(warp.images(images))
+    assert torch.allclose(found, warp.points(centres), atol=0.02)  # well under a pixel (1/32)
+    # The deformation is not a similarity: the best similarity misses by more.
+    similarity_only = RandomWarp(warp.similarities, None)
+    miss = (found - similarity_only.points(centres)).norm(dim=-1).mean()
+    hit = (found - warp.points(centres)).norm(dim=-1).mean()
+    assert miss > 3 * hit
+
+
+def test_a_zero_deformation_is_the_similarity_alone():
+    warp = random_warps(3, 0.05, generator=torch.Generator().manual_seed(4))
+    flat = RandomWarp(warp.similarities, torch.zeros_like(warp.offsets))
+    rigid = RandomWarp(warp.similarities, None)
+    images, points = torch.rand(3, 3, 16, 16), torch.rand(3, 5, 2) - 0.5
+    assert torch.allclose(flat.points(points), rigid.points(points), atol=1e-6)
+    assert torch.allclose(flat.images(images), rigid.images(images), atol=1e-5)

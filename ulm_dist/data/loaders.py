@@ -135,14 +135,19 @@ class _PairStream(_ShardStream):
         self, samples: Iterator[DecodedSample], rng: np.random.Generator
     ) -> Iterator[dict[str, Any]]:
         for first, partner in unpaired(samples, self.buffer, rng):
-            view_i = self._view(first, rng)
+            view = self._view(first, rng)
+            view_i = View(jitter_colours(view.image, self.augment, rng), view.landmarks)
             if self.warped:
+                # One jitter for both views, then the warp: a colour difference between them
+                # would be reconstruction error that no landmark can remove (IMM's pairs
+                # differ only by the warp).
                 partner, view_j = first, warped_view(view_i, self.augment, rng)
             else:
-                view_j = self._view(partner, rng)
+                view = self._view(partner, rng)
+                view_j = View(jitter_colours(view.image, self.augment, rng), view.landmarks)
             item = {
-                "image_i": jitter_colours(view_i.image, self.augment, rng),
-                "image_j": jitter_colours(view_j.image, self.augment, rng),
+                "image_i": view_i.image,
+                "image_j": view_j.image,
                 "key_i": first.key,
                 "key_j": partner.key,
             }

@@ -21,30 +21,40 @@ from torch import nn
 
 from ulm_dist.config import LossConfig, ModelConfig
 from ulm_dist.models.learner import Learner
-from ulm_dist.models.networks import Encoder, HeatmapDecoder, PoseEncoder
+from ulm_dist.models.networks import Encoder, HeatmapDecoder, Pose, PoseEncoder
 
 
 @dataclass
 class GenerationOutputs:
-    landmarks: torch.Tensor  # p' of the target: (B, K, 2)
+    pose: Pose  # of the target (points: p', (B, K, 2))
     generated: torch.Tensor  # x^: (B, 3, S, S)
+
+    @property
+    def landmarks(self) -> torch.Tensor:
+        return self.pose.points
 
 
 class ConditionalGenerationModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.pose_encoder = PoseEncoder(config.channels, config.num_landmarks, flow_channels=0)
-        self.appearance_encoder = Encoder(config.channels)
+        self.pose_encoder = PoseEncoder(
+            config.channels, config.num_landmarks, flow_channels=0, norm=config.norm
+        )
+        self.appearance_encoder = Encoder(config.channels, config.norm)
         self.decoder = HeatmapDecoder(
-            config.channels, config.num_landmarks, config.channels[-1], config.heatmap_std
+            config.channels,
+            config.num_landmarks,
+            config.channels[-1],
+            config.heatmap_std,
+            config.norm,
         )
 
     def landmarks(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pose_encoder(images)[0]
+        return self.pose_encoder(images).points
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> GenerationOutputs:
-        points = self.landmarks(target)
-        return GenerationOutputs(points, self.decoder(self.appearance_encoder(source), points))
+        pose = self.pose_encoder(target)
+        return GenerationOutputs(pose, self.decoder(self.appearance_encoder(source), pose.points))
 
 
 class ConditionalGenerationLearner(Learner):
@@ -59,6 +69,6 @@ class ConditionalGenerationLearner(Learner):
         out = self.model(image, warped)
         losses = {
             "recon": self.perceptual(warped, out.generated).mean(),
-            **self.priors(warped, out.landmarks),
+            **self.priors(warped, out.pose),
         }
         return self.with_total(losses, self.weights)

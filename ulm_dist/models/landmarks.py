@@ -23,13 +23,29 @@ def spatial_softmax(scores: torch.Tensor) -> torch.Tensor:
     all H*W positions jointly (a proper 2D distribution), then the marginals give the
     expectations.
     """
+    return spatial_softmax_with_spread(scores)[0]
+
+
+def spatial_softmax_with_spread(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`spatial_softmax`'s points and the spread of each map: the variance var(x) + var(y)
+    of its softmax distribution, (B, K), in normalised units squared.
+
+    The points are the maps' means, so no loss on the points alone can tell a peaked map from
+    a broad one that leans the same way; the spread is what a concentration loss (Zhang et
+    al. 2018, eq. 3) acts on.
+    """
     b, k, h, w = scores.shape
     prob = F.softmax(scores.reshape(b, k, h * w).float(), dim=-1).reshape(b, k, h, w)
     xs = pixel_centres(w, device=scores.device)
     ys = pixel_centres(h, device=scores.device)
-    x = (prob.sum(dim=2) * xs).sum(dim=-1)
-    y = (prob.sum(dim=3) * ys).sum(dim=-1)
-    return torch.stack([x, y], dim=-1).to(scores.dtype)
+    marginal_x, marginal_y = prob.sum(dim=2), prob.sum(dim=3)
+    x = (marginal_x * xs).sum(dim=-1)
+    y = (marginal_y * ys).sum(dim=-1)
+    # E[x^2] - E[x]^2 loses precision when the map is sharp: take the centred moments.
+    spread = (marginal_x * (xs - x[..., None]) ** 2).sum(-1) + (
+        marginal_y * (ys - y[..., None]) ** 2
+    ).sum(-1)
+    return torch.stack([x, y], dim=-1).to(scores.dtype), spread
 
 
 def render_gaussian_heatmaps(points: torch.Tensor, size: int, std: float) -> torch.Tensor:

@@ -13,8 +13,10 @@ from torch import nn
 
 from ulm_dist.config import LossConfig
 from ulm_dist.losses import perceptual_distances
-from ulm_dist.models.perceptual import perceptual_network
-from ulm_dist.models.priors import landmark_priors, prior_weights
+from ulm_dist.models.networks import Pose
+from ulm_dist.models.perceptual import compares_pixels, perceptual_network
+from ulm_dist.models.priors import WarpedDetections, landmark_priors, prior_weights
+from ulm_dist.models.similarity import RandomWarp, random_warps
 
 
 class Learner(nn.Module):
@@ -24,7 +26,7 @@ class Learner(nn.Module):
         super().__init__()
         self.model = model
         self.vgg = perceptual_network(loss_config)
-        self.compare_pixels = "pixels" in loss_config.perceptual_layers
+        self.compare_pixels = compares_pixels(loss_config)
         self.loss_config = loss_config
         self.weights = {**weights, **prior_weights(loss_config)}
 
@@ -36,9 +38,27 @@ class Learner(nn.Module):
         """P(target, output) per output image (`losses.perceptual_distances`)."""
         return perceptual_distances(targets, outputs, self.vgg, self.compare_pixels)
 
-    def priors(self, images: torch.Tensor, points: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The shared priors on `points`, the model's landmarks of `images`."""
-        return landmark_priors(self.model.landmarks, images, points, self.loss_config)
+    def warped_views(self, images: torch.Tensor) -> tuple[RandomWarp, torch.Tensor]:
+        """Random warps, as L_transform draws them, and the images they give, for learners
+        that encode the warped images themselves (see `priors`)."""
+        warp = random_warps(
+            len(images), self.loss_config.transform_deformation, device=images.device
+        )
+        return warp, warp.images(images)
+
+    def priors(
+        self, images: torch.Tensor, pose: Pose, warped: WarpedDetections | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The shared priors on `pose`, the model's pose of `images`; `warped` as in
+        `priors.landmark_priors`."""
+        return landmark_priors(
+            self.model.landmarks,
+            images,
+            pose.points,
+            self.loss_config,
+            spread=pose.spread,
+            warped=warped,
+        )
 
     def with_total(
         self, losses: dict[str, torch.Tensor], weights: dict[str, torch.Tensor | float]

@@ -1,28 +1,60 @@
 """Convolutional parts shared by the landmark learners: encoders, the heatmap decoder and the
 part autoencoder built from them.
 
-GroupNorm rather than BatchNorm everywhere, so that an image's outputs never depend on the
-other images in its batch: evaluation, the pair-swap symmetry and data-parallel training
-with small per-worker batches all behave the same.
+`model.norm` picks the normalisation of every conv block. BatchNorm (the default, as in
+Jakab et al. and Lorenz et al.) normalises with statistics of the whole batch, so an image's
+own brightness and contrast survive into the features and the decoder can repaint its
+colours. GroupNorm normalises each image on its own, which makes an image's outputs
+independent of its batch but the bias-free encoders blind to its contrast.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ulm_dist.config import ModelConfig
-from ulm_dist.models.landmarks import render_gaussian_heatmaps, spatial_softmax
+from ulm_dist.models.landmarks import render_gaussian_heatmaps, spatial_softmax_with_spread
+
+Norm = Literal["batch", "group"]
 
 
-def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d computed in float32 whatever the activations' dtype: DeepSpeed casts the
+    parameters to bf16/fp16 but keeps buffers, the running statistics, in float32, and batch
+    statistics summed in bf16 would be imprecise anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        normalised = F.batch_norm(
+            x.float(),
+            self.running_mean,
+            self.running_var,
+            self.weight.float(),
+            self.bias.float(),
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        return normalised.to(x.dtype)
+
+
+def normalisation(kind: Norm, channels: int) -> nn.Module:
+    if kind == "batch":
+        return BatchNorm(channels)
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+def conv_block(in_channels: int, out_channels: int, norm: Norm, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        nn.GroupNorm(min(8, out_channels), out_channels),
+        normalisation(norm, out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -30,12 +62,14 @@ def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Seque
 class Encoder(nn.Sequential):
     """Conv trunk: stage 0 keeps the resolution, every later stage halves it."""
 
-    def __init__(self, channels: list[int]):
+    def __init__(self, channels: list[int], norm: Norm):
         stages, previous = [], 3
         for index, width in enumerate(channels):
             stride = 1 if index == 0 else 2
             stages.append(
-                nn.Sequential(conv_block(previous, width, stride), conv_block(width, width))
+                nn.Sequential(
+                    conv_block(previous, width, norm, stride), conv_block(width, width, norm)
+                )
             )
             previous = width
         super().__init__(*stages)
@@ -46,12 +80,20 @@ class Encoder(nn.Sequential):
         return super().forward(images * 2 - 1)
 
 
+class Pose(NamedTuple):
+    """What the pose encoder finds in a batch of images."""
+
+    points: torch.Tensor  # (B, K, 2) landmarks in [-1, 1]
+    spread: torch.Tensor  # (B, K) variance of each score map's softmax (`landmarks.py`)
+    features: torch.Tensor | None  # (B, C, h, w) matching features for the flow module
+
+
 class PoseEncoder(nn.Module):
     """E_p: K score maps -> landmark coordinates; also the features the flow module matches."""
 
-    def __init__(self, channels: list[int], num_landmarks: int, flow_channels: int):
+    def __init__(self, channels: list[int], num_landmarks: int, flow_channels: int, norm: Norm):
         super().__init__()
-        self.trunk = Encoder(channels)
+        self.trunk = Encoder(channels, norm)
         # No bias: the spatial softmax ignores a per-map constant, so it would never train.
         self.score_head = nn.Conv2d(self.trunk.out_channels, num_landmarks, 1, bias=False)
         # Learners without a flow module pass 0: a head that gets no gradient would only
@@ -60,12 +102,10 @@ class PoseEncoder(nn.Module):
             nn.Conv2d(self.trunk.out_channels, flow_channels, 1) if flow_channels else None
         )
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns landmarks (B, K, 2) in [-1, 1] and matching features (B, C, h, w), or None
-        without a flow head."""
+    def forward(self, images: torch.Tensor) -> Pose:
         features = self.trunk(images)
         matching = self.flow_head(features) if self.flow_head is not None else None
-        return spatial_softmax(self.score_head(features)), matching
+        return Pose(*spatial_softmax_with_spread(self.score_head(features)), matching)
 
 
 class AppearanceEncoder(nn.Module):
@@ -77,9 +117,9 @@ class AppearanceEncoder(nn.Module):
     makes the unpaired swap of Xu et al. meaningful.
     """
 
-    def __init__(self, channels: list[int], appearance_dim: int):
+    def __init__(self, channels: list[int], appearance_dim: int, norm: Norm):
         super().__init__()
-        self.trunk = Encoder(channels)
+        self.trunk = Encoder(channels, norm)
         self.project = nn.Conv2d(self.trunk.out_channels, appearance_dim, 1)
 
     def forward(self, images: torch.Tensor, heatmaps: torch.Tensor) -> torch.Tensor:
@@ -111,13 +151,17 @@ class HeatmapDecoder(nn.Module):
     image's feature map for conditional generation.
     """
 
-    def __init__(self, channels: list[int], num_landmarks: int, in_channels: int, std: float):
+    def __init__(
+        self, channels: list[int], num_landmarks: int, in_channels: int, std: float, norm: Norm
+    ):
         super().__init__()
         self.std = std
         widths = list(reversed(channels))
-        self.stem = conv_block(in_channels + num_landmarks, widths[0])
+        self.stem = conv_block(in_channels + num_landmarks, widths[0], norm)
         self.stages = nn.ModuleList(
-            nn.Sequential(conv_block(wide + num_landmarks, narrow), conv_block(narrow, narrow))
+            nn.Sequential(
+                conv_block(wide + num_landmarks, narrow, norm), conv_block(narrow, narrow, norm)
+            )
             for wide, narrow in itertools.pairwise(widths)
         )
         self.to_rgb = nn.Conv2d(widths[-1], 3, 3, padding=1)
@@ -143,28 +187,33 @@ class PartAutoencoder(nn.Module):
     def __init__(self, config: ModelConfig, flow_channels: int):
         super().__init__()
         self.heatmap_std = config.heatmap_std
-        self.pose_encoder = PoseEncoder(config.channels, config.num_landmarks, flow_channels)
-        self.appearance_encoder = AppearanceEncoder(config.channels, config.appearance_dim)
+        self.pose_encoder = PoseEncoder(
+            config.channels, config.num_landmarks, flow_channels, config.norm
+        )
+        self.appearance_encoder = AppearanceEncoder(
+            config.channels, config.appearance_dim, config.norm
+        )
         self.decoder = HeatmapDecoder(
-            config.channels, config.num_landmarks, 2 * config.appearance_dim, config.heatmap_std
+            config.channels,
+            config.num_landmarks,
+            2 * config.appearance_dim,
+            config.heatmap_std,
+            config.norm,
         )
         self.stride = 2 ** (len(config.channels) - 1)
         self.coarse_size = config.image_size // self.stride
 
-    def encode(
-        self, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns landmarks (B, K, 2), appearance (B, K + 1, D) and the pose encoder's
-        matching features (None without a flow head)."""
-        landmarks, features = self.pose_encoder(images)
+    def encode(self, images: torch.Tensor) -> tuple[Pose, torch.Tensor]:
+        """Returns the pose and the appearance (B, K + 1, D)."""
+        pose = self.pose_encoder(images)
         # The trunks' output size: each stride-2, padding-1 stage rounds a half up.
         size = math.ceil(images.shape[-1] / self.stride)
-        heatmaps = render_gaussian_heatmaps(landmarks, size, self.heatmap_std)
-        return landmarks, self.appearance_encoder(images, heatmaps), features
+        heatmaps = render_gaussian_heatmaps(pose.points, size, self.heatmap_std)
+        return pose, self.appearance_encoder(images, heatmaps)
 
     def landmarks(self, images: torch.Tensor) -> torch.Tensor:
         """The detector alone: images (B, 3, S, S) in [0, 1] -> landmarks (B, K, 2) in [-1, 1]."""
-        return self.pose_encoder(images)[0]
+        return self.pose_encoder(images).points
 
     def decode(self, appearance: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """D(a, p): appearance (B, K + 1, D) painted at landmarks (B, K, 2) -> images."""

@@ -66,9 +66,9 @@ class PartLearner(Learner):
         n = image.shape[0]
         # Both views through each network as one batch: same maths, half the launches.
         views = torch.cat([image, warped])
-        points, appearance, _ = self.model.encode(views)
+        pose, appearance = self.model.encode(views)
         a_image, a_warped = appearance.split(n)
-        redrawn = self.model.decode(torch.cat([a_warped, a_image]), points)
+        redrawn = self.model.decode(torch.cat([a_warped, a_image]), pose.points)
         recon_image, recon_warped = (d.mean() for d in self.perceptual(views, redrawn).chunk(2))
-        losses = {"recon": recon_image + recon_warped, **self.priors(views, points)}
+        losses = {"recon": recon_image + recon_warped, **self.priors(views, pose)}
         return self.with_total(losses, self.weights)

@@ -1,33 +1,42 @@
-"""Two landmark priors that every learner adds to its own loss.
+"""Landmark priors that every learner adds to its own loss.
 
-    L_transform = |E_p(S(x)) - S(E_p(x))|^2   for a random similarity S per image
+    L_transform = |E_p(W(x)) - W(E_p(x))|^2   for a random warp W per image: a similarity
+                                              after a smooth deformation (`similarity.py`)
     L_sep = mean over k != k' of exp(-|u_k - u_k'|^2 / (2 std^2))
+    L_conc = mean over k of var(x) + var(y) under landmark k's score-map softmax
 
 L_transform is the equivariance of Thewlis, Bilen and Vedaldi (2017), and the part-mean
 equivariance of Lorenz et al. (2019), whose part learner is built on it. L_sep is the
 separation prior of Zhang et al. (2018): it keeps the K landmarks from sitting on one point.
-Neither is in Xu et al. 2020 or Jakab et al. 2018, so `loss.lambda_transform=0
-loss.lambda_separation=0` trains those papers' losses exactly; Lorenz et al.'s is
-`loss.lambda_separation=0` with the default L_transform weight, which is theirs.
+L_conc is Zhang et al.'s concentration prior: the landmarks are the maps' means, so the other
+losses cannot tell a peaked map from a broad one leaning the same way, and broad maps that
+lean apart satisfy L_sep and L_transform without sitting on any part. Xu et al. 2020 and
+Jakab et al. 2018 have none of the three, so `loss.lambda_transform=0 loss.lambda_separation=0
+loss.lambda_concentration=0` trains those papers' losses exactly; Lorenz et al.'s keeps the
+default L_transform weight, which is theirs.
 
-Why every learner gets them: reconstruction alone is too weak a signal in a short budget.
-On the synthetic set (tiny preset, pixel loss, 300 steps of batch 16 on one CPU thread,
-`benchmarks/accuracy.py --learners cycle imm part`) the landmark error with both priors off
-was 57.1% (cycle), 54.8% (imm) and 59.0% (part) of the inter-ocular distance, against 58.2%
-for the mean shape; with them 24.4%, 27.7% and 25.0%. Without L_sep, in a shorter trial,
-the cycle model's K landmarks fell onto one point that followed the creature (37.9% after
-200 steps, all K within 0.02 px of each other); with it they spread into a constellation
-over the creature (27.3%).
+Reconstruction alone is too weak a signal in a short budget: BENCHMARKS.md compares the
+learners with and without the priors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from ulm_dist.config import LossConfig
-from ulm_dist.models.similarity import random_similarities, transform_equivariance_loss
+from ulm_dist.losses import landmark_distance
+from ulm_dist.models.similarity import RandomWarp, random_warps, transform_equivariance_loss
+
+
+class WarpedDetections(NamedTuple):
+    """Random warps of a batch of images and the landmarks found in the warped images, for a
+    learner that detects them anyway (and so spares L_transform its own pass)."""
+
+    warp: RandomWarp
+    points: torch.Tensor  # (B, K, 2)
 
 
 def separation_loss(points: torch.Tensor, std: float) -> torch.Tensor:
@@ -43,8 +52,18 @@ def separation_loss(points: torch.Tensor, std: float) -> torch.Tensor:
     return torch.exp(-squared[:, distinct] / (2 * std**2)).mean()
 
 
+def concentration_loss(spread: torch.Tensor) -> torch.Tensor:
+    """Mean spread var(x) + var(y) of the landmarks' score maps, (B, K) -> scalar: 0 for maps
+    that put all their mass on one position (`landmarks.spatial_softmax_with_spread`)."""
+    return spread.float().mean()
+
+
 def prior_weights(config: LossConfig) -> dict[str, float]:
-    return {"transform": config.lambda_transform, "sep": config.lambda_separation}
+    return {
+        "transform": config.lambda_transform,
+        "sep": config.lambda_separation,
+        "conc": config.lambda_concentration,
+    }
 
 
 def landmark_priors(
@@ -52,13 +71,24 @@ def landmark_priors(
     images: torch.Tensor,
     points: torch.Tensor,
     config: LossConfig,
+    *,
+    spread: torch.Tensor | None = None,
+    warped: WarpedDetections | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The priors with a non-zero weight, by name. `points` is detect(images), which the
-    learner has already computed; L_transform costs one more detector pass."""
+    """The priors with a non-zero weight, by name. `points` is detect(images) and `spread`
+    its maps' spread, which the learner has already computed (L_conc needs the spread).
+    L_transform uses `warped` when the learner has it, else costs one more detector pass."""
     terms = {}
     if config.lambda_transform:
-        transforms = random_similarities(len(images), device=images.device)
-        terms["transform"] = transform_equivariance_loss(detect, images, points, transforms)
+        if warped is None:
+            warp = random_warps(len(images), config.transform_deformation, device=images.device)
+            terms["transform"] = transform_equivariance_loss(detect, images, points, warp)
+        else:
+            terms["transform"] = landmark_distance(warped.points, warped.warp.points(points))
     if config.lambda_separation:
         terms["sep"] = separation_loss(points, config.separation_std)
+    if config.lambda_concentration:
+        if spread is None:
+            raise ValueError("loss.lambda_concentration > 0 needs the score maps' spread")
+        terms["conc"] = concentration_loss(spread)
     return terms

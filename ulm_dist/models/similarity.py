@@ -1,17 +1,24 @@
-"""Random similarity transforms of images and points, and the equivariance they give.
+"""Random warps of images and points, a similarity after a smooth deformation, and the
+equivariance they give.
 
-A detector is equivariant when it finds in a moved image the moved landmarks:
-E_p(S(x)) = S(E_p(x)). With S drawn at random and applied by the learner itself, S is known
+A detector is equivariant when it finds in a warped image the warped landmarks:
+E_p(W(x)) = W(E_p(x)). With W drawn at random and applied by the learner itself, W is known
 exactly, so the constraint needs no correspondence search (Thewlis, Bilen and Vedaldi 2017;
-Lorenz et al. 2019's equivariance of part means). `warp_images` moves pixels and
-`move_points` moves points by the same S, in the project's normalised coordinates
-(`landmarks.py`).
+Zhang et al. 2018; Lorenz et al. 2019's equivariance of part means). `warp_images` moves
+pixels and `move_points` moves points by the same similarity S, in the project's normalised
+coordinates (`landmarks.py`); `RandomWarp` composes S with a smooth deformation D.
+
+Why the deformation: a similarity moves every point of the image alike, so landmarks fixed
+in the object's similarity frame, a ring around it say, are exactly equivariant to it
+without sitting on any part. Under a deformation that differs from place to place, only a
+landmark that follows what is drawn where it sits can be equivariant.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,13 +85,78 @@ def warp_images(images: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
     return warped.to(images.dtype)
 
 
+# The deformation's control lattice: DEFORMATION_GRID x DEFORMATION_GRID shifts with the
+# corners at (+-1, +-1), interpolated bicubically. Points are moved by inverting the field
+# by fixed-point iteration, which converges while the field's slope stays below 1; at the
+# shifts used (a few hundredths of the half-width over a lattice spacing of 2/3) it is about
+# 0.1, so a few iterations reach far below a pixel.
+DEFORMATION_GRID = 4
+_INVERSE_ITERATIONS = 6
+
+
+def deformation_at(offsets: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The displacement D(p) of the smooth field through the control shifts `offsets`
+    (B, 2, g, g), at points (B, ..., 2) in normalised coordinates: (B, ..., 2)."""
+    grid = points.reshape(len(points), 1, -1, 2).to(offsets.dtype)
+    shift = F.grid_sample(offsets, grid, mode="bicubic", align_corners=True)  # (B, 2, 1, P)
+    return shift[:, :, 0].transpose(1, 2).reshape(points.shape)
+
+
+@dataclass(frozen=True)
+class RandomWarp:
+    """The warp W = S o D per image: a smooth deformation D first, then the similarity S.
+    D is given by its backward field, r -> r + field(r) (`deformation_at`), which is what
+    image resampling needs; points move with its inverse. `offsets` None: S alone."""
+
+    similarities: torch.Tensor  # (B, 2, 3) point maps [A | t]
+    offsets: torch.Tensor | None  # (B, 2, g, g) control shifts of the deformation
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """The images warped: what was at p is at W(p) after."""
+        if self.offsets is None:
+            return warp_images(images, self.similarities)
+        size = list(images.shape)
+        # Output pixel q samples the source at r + field(r), with r = S^-1(q).
+        before = F.affine_grid(invert_affine(self.similarities), size, align_corners=False)
+        grid = before + deformation_at(self.offsets, before)
+        warped = F.grid_sample(images.float(), grid, padding_mode="border", align_corners=False)
+        return warped.to(images.dtype)
+
+    def points(self, points: torch.Tensor) -> torch.Tensor:
+        """W(p) for points (B, K, 2): where the image's content at p appears after."""
+        if self.offsets is None:
+            return move_points(self.similarities, points)
+        # The source point p appears where r + field(r) = p: solve r <- p - field(r).
+        source = points.float()
+        deformed = source
+        for _ in range(_INVERSE_ITERATIONS):
+            deformed = source - deformation_at(self.offsets, deformed)
+        return move_points(self.similarities, deformed).to(points.dtype)
+
+
+def random_warps(
+    batch: int,
+    deformation_std: float,
+    *,
+    device=None,
+    generator: torch.Generator | None = None,
+) -> RandomWarp:
+    """`batch` random warps: similarities as `random_similarities` and, when
+    `deformation_std` > 0, control shifts with that std (normalised units)."""
+    similarities = random_similarities(batch, device=device, generator=generator)
+    if not deformation_std:
+        return RandomWarp(similarities, None)
+    shape = (batch, 2, DEFORMATION_GRID, DEFORMATION_GRID)
+    offsets = torch.randn(shape, device=device, generator=generator) * deformation_std
+    return RandomWarp(similarities, offsets)
+
+
 def transform_equivariance_loss(
     detect: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     points: torch.Tensor,
-    transforms: torch.Tensor,
+    warp: RandomWarp,
 ) -> torch.Tensor:
-    """|detect(S(x)) - S(detect(x))|^2, averaged over batch and parts; `points` is
+    """|detect(W(x)) - W(detect(x))|^2, averaged over batch and parts; `points` is
     detect(images), computed by the caller (the learner has it from the reconstruction)."""
-    moved = detect(warp_images(images, transforms))
-    return landmark_distance(moved, move_points(transforms, points))
+    return landmark_distance(detect(warp.images(images)), warp.points(points))
