@@ -47,6 +47,15 @@ def test_overrides_parse_yaml_values():
         (["loss.lambda_cycle=-1"], r"loss.lambda_cycle: must be >= 0"),
         (["train.steps=true"], r"train.steps: expected an integer, got True"),
         (["steps"], r"override 'steps': expected section.key=value"),
+        (["train.lr=.nan"], r"train.lr: expected a finite number, got nan"),
+        (["train.lr=.inf"], r"train.lr: expected a finite number, got inf"),
+        (["model.heatmap_std=.nan"], r"model.heatmap_std: expected a finite number, got nan"),
+        (["data.hue=-.inf"], r"data.hue: expected a finite number, got -inf"),
+        (
+            ["train.steps=[1"],
+            r"override 'train.steps=\[1': invalid YAML at line 1, column 3: expected ',' or "
+            r"'\]', but got '<stream end>' \(while parsing a flow sequence\)",
+        ),
     ],
 )
 def test_bad_values_name_their_field(overrides, message):
@@ -59,3 +68,30 @@ def test_a_yaml_that_is_not_a_mapping_is_refused(tmp_path):
         load_config(write(tmp_path, "- just\n- a list\n"))
     with pytest.raises(ConfigError, match="model: expected a mapping"):
         load_config(write(tmp_path, "model: 3\n"))
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/abs", "a\\b"])
+def test_a_run_name_must_be_one_plain_folder(name):
+    with pytest.raises(ConfigError, match=r"train.run_name: expected a plain folder name"):
+        load_config(None, [f"train.run_name={name!r}"])
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    path = write(tmp_path, "model:\n  num_landmarks: 8\n train:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == (
+        f"{path}: invalid YAML at line 3, column 2: expected <block end>, but found "
+        "'<block mapping start>' (while parsing a block mapping); fix the syntax there"
+    )
+
+
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'nope.yaml'}: no such file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=f"{tmp_path}: expected a YAML file, got a folder"):
+        load_config(tmp_path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=f"{binary}: cannot read it as a YAML text file"):
+        load_config(binary)

@@ -7,6 +7,7 @@ import pytest
 from ulm_dist.config import ConfigError
 from ulm_dist.sweep_config import load_sweep_config, sweep_config_from_dict
 from ulm_dist.sweep_plot import plot_metric_against_parameters
+from ulm_dist.tune import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +47,24 @@ def test_the_job_file_loads_and_says_what_it_is_for():
         ({"overrides": ["train.stepz=3"]}, "train.stepz"),
         ({"metric": "val/landmark_error", "overrides": ["data.val=null"]}, "metric"),
         ({"name": "a/b"}, "name"),
+        ({"name": ".."}, "name"),
         ({"nmae": "typo"}, "nmae"),
     ],
 )
 def test_bad_fields_are_named(fields, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         sweep(**fields)
+
+
+def test_a_sweep_file_that_cannot_be_read_exits_2_naming_it(tmp_path, capsys):
+    broken = tmp_path / "sweep.yaml"
+    broken.write_text("metric: loss/total\nspace: {train.lr: [1\n")
+    assert main(["--config", str(broken)]) == 2
+    assert f"ulm_dist.tune: error: {broken}: invalid YAML at line 3, column 1" in (
+        capsys.readouterr().err
+    )
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert f"{tmp_path / 'missing.yaml'}: no such file" in capsys.readouterr().err
 
 
 def test_plot_has_one_panel_per_parameter():

@@ -44,11 +44,31 @@ def refused(capsys, argv: list[str]) -> str:
             "use a multiple of 12",
         ),
         (["train.precision=fp8"], "train.precision: expected one of ['auto', 'fp32', 'bf16'"),
-        (["train.run_name=a/b"], "train.run_name: expected a folder name without '/'"),
+        (["train.run_name=a/b"], "train.run_name: expected a plain folder name"),
+        (["train.run_name=.."], "train.run_name: expected a plain folder name"),
+        (["train.lr=.nan"], "train.lr: expected a finite number, got nan"),
+        (["train.steps=[1"], "override 'train.steps=[1': invalid YAML at line 1, column 3"),
     ],
 )
 def test_impossible_values_are_refused(capsys, run_args, overrides, message):
     assert message in refused(capsys, [*run_args, *overrides])
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("missing.yaml", "{folder}/missing.yaml: no such file; expected a YAML file"),
+        (".", "{folder}: expected a YAML file, got a folder"),
+        ("job.yaml", "{folder}/job.yaml: invalid YAML at line 3, column 1: expected ','"),
+    ],
+)
+def test_a_config_file_that_cannot_be_read_is_refused_in_one_line(
+    capsys, tmp_path, run_args, config, message
+):
+    (tmp_path / "job.yaml").write_text("train:\n  steps: [1\n")
+    error = refused(capsys, ["--config", str(tmp_path / config), *run_args])
+    assert error.startswith(f"ulm_dist.train: error: {message.format(folder=tmp_path)}")
+    assert error.count("\n") == 1, "one line, no traceback"
 
 
 def test_unreachable_s3_storage_is_refused(capsys, tmp_path, s3_server):

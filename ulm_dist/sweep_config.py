@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from ulm_dist.config import Config, ConfigError, build_section, load_config, option
+from ulm_dist.config import (
+    Config,
+    ConfigError,
+    build_section,
+    check_folder_name,
+    load_config,
+    option,
+    read_yaml_mapping,
+)
 
 # Fields the sweep sets for every trial itself: each trial is its own run in the sweep's folders.
 SWEEP_OWNED = ("train.run_name", "train.storage", "train.log_dir", "train.resume")
@@ -102,8 +108,7 @@ class SweepConfig:
         return self.base_config([*parameter_overrides(params), *extra])
 
     def validate(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name: expected a folder name without '/', got {self.name!r}")
+        check_folder_name(self.name, "name")
         if not self.space:
             raise ConfigError("space: expected at least one training config field to search")
         for item in self.overrides:
@@ -112,7 +117,7 @@ class SweepConfig:
                 raise ConfigError(f"overrides: {key} is set by the sweep for each trial")
         try:
             base = self.base_config()
-        except (ConfigError, OSError) as error:
+        except ConfigError as error:
             raise ConfigError(f"base/overrides: {error}") from error
         # Each listed value and each end of a range must make a valid training config.
         for parameter in self.space.values():
@@ -148,10 +153,7 @@ def parameter_overrides(params: dict[str, Any]) -> list[str]:
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """The sweep YAML at `path`, checked field by field and against the base job."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sweep fields, got {type(raw).__name__}")
-    return sweep_config_from_dict(raw)
+    return sweep_config_from_dict(read_yaml_mapping(path, "sweep fields"))
 
 
 def sweep_config_from_dict(raw: dict[str, Any]) -> SweepConfig:
