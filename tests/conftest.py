@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
+import ray
 
 from ulm_dist.data.s3_server import free_port, local_s3_server
 
@@ -67,4 +70,38 @@ def tiny_model_overrides() -> list[str]:
         "loss.perceptual_layers=[pixels]",
         "data.synthetic_samples=16",
         "train.batch_size=8",
+    ]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server: str) -> Iterator[None]:
+    """A fresh local Ray cluster with 2 CPUs for one test module's training runs."""
+    # Not one `ray start` may have left running; started after the S3 fixture has put the
+    # test credentials in the environment, which the workers inherit.
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def common_args(
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_cluster: None,
+    log_dir: Path,
+    tiny_model_overrides: list[str],
+) -> list[str]:
+    """Overrides for a short real training run: the tiny model, a quick warm-up, the module's
+    data cache and log folder."""
+    cache = tmp_path_factory.mktemp("cache")
+    return [
+        *tiny_model_overrides,
+        "train.lr=0.003",
+        "train.warmup_steps=2",
+        f"data.cache_dir={cache}",
+        f"train.log_dir={log_dir}",
     ]

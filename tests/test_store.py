@@ -124,3 +124,37 @@ def test_a_local_copy_holds_the_checkpoint_and_a_downloaded_one_is_deleted_after
         copied = folder
     is_local = isinstance(store.filesystem, pafs.LocalFileSystem)
     assert copied.exists() == is_local  # never delete the user's own folder
+
+
+def test_incomplete_checkpoints_are_listed_with_the_reason(store):
+    write_checkpoint(store, 1)
+    write_checkpoint(store, 2, mark=False)
+    cut = write_checkpoint(store, 3)
+    store.filesystem.delete_file(f"{cut}/engine/weights.pt")
+    run = store.scan()
+    assert [checkpoint.step for checkpoint in run.complete] == [1]
+    reasons = {checkpoint.step: checkpoint.reason for checkpoint in run.incomplete}
+    assert reasons == {
+        2: f"no {MARKER_NAME}",
+        3: "engine/weights.pt missing or of another size than its marker says",
+    }
+    with pytest.raises(StorageError, match=r"not a complete checkpoint \(no checkpoint_complete"):
+        store.open_checkpoint(store.uri(f"{store.run_path}/checkpoint_00000002"))
+
+
+def test_pruning_keeps_the_newest_complete_and_never_counts_incomplete_ones(store):
+    for step in (1, 3, 4):
+        write_checkpoint(store, step)
+    write_checkpoint(store, 2, mark=False)  # abandoned before the newest complete one
+    write_checkpoint(store, 5, mark=False)  # maybe being uploaded right now
+    deleted = store.prune(keep=2)
+    assert deleted == ["checkpoint_00000001", "checkpoint_00000002"]
+    run = store.scan()
+    assert [checkpoint.step for checkpoint in run.complete] == [3, 4]
+    assert [checkpoint.step for checkpoint in run.incomplete] == [5]
+
+
+def test_pruning_a_run_with_no_complete_checkpoint_deletes_nothing(store):
+    write_checkpoint(store, 2, mark=False)
+    assert store.prune(keep=1) == []
+    assert store.has_checkpoint_folders()

@@ -3,11 +3,9 @@ DeepSpeed, a real S3 server on 127.0.0.1. A tiny model and few steps keep each r
 a minute on 2 cores."""
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from ulm_dist.config import load_config
@@ -18,36 +16,6 @@ from ulm_dist.store import CheckpointStore
 from ulm_dist.train import main
 
 pytestmark = pytest.mark.slow
-
-TRAINING = [
-    "train.lr=0.003",
-    "train.warmup_steps=2",
-]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    # A fresh local cluster (not one `ray start` may have left running), started after the S3
-    # fixture has put the test credentials in the environment, which the workers inherit.
-    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level=logging.ERROR)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def log_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("logs")
-
-
-@pytest.fixture(scope="module")
-def common_args(tmp_path_factory, ray_cluster, log_dir, tiny_model_overrides) -> list[str]:
-    cache = tmp_path_factory.mktemp("cache")
-    return [
-        *tiny_model_overrides,
-        *TRAINING,
-        f"data.cache_dir={cache}",
-        f"train.log_dir={log_dir}",
-    ]
 
 
 def metric_records(log_dir: Path, run_name: str) -> list[dict]:

@@ -5,9 +5,10 @@ the shards and trains to `train.steps`. Every `train.log_every` steps it reports
 metrics with `ray.train.report`; every `train.checkpoint_every` steps, and at the last step,
 it reports a checkpoint too. With `data.val`, every `train.eval_every` steps (and at the last
 step) it adds the `val/` landmark-regression metrics to that step's report and, on checkpoint
-steps, the pictures to the checkpoint (`validation.py`). It starts from
-`ray.train.get_checkpoint()` when Ray has one (a restart after a worker failure, or a rerun of
-the same run), else from `train.resume` if that names a checkpoint.
+steps, the pictures to the checkpoint (`validation.py`). It starts from the run's newest
+complete checkpoint in the store (a restart after a worker failure, or a rerun of the same
+run), else from `train.resume` if that names a checkpoint (`resume_checkpoint`); Ray's own
+`ray.train.get_checkpoint()` is only taken when it is that checkpoint.
 
 A checkpoint holds the engine's state (weights, optimizer and LR schedule, sharded as the
 engine shards them), each worker's RNG states, `train_state.json` (step, samples seen,
@@ -21,6 +22,7 @@ without replaying what came before.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import resource
@@ -49,12 +51,14 @@ from ulm_dist.engine import (
 )
 from ulm_dist.models import build_learner
 from ulm_dist.redaction import redacted_config
-from ulm_dist.store import CheckpointStore, open_filesystem
+from ulm_dist.store import CheckpointStore, StoredCheckpoint
 from ulm_dist.trained import TRAIN_STATE_NAME
 from ulm_dist.validation import SHEET_FILES, load_validation_set, validate
 
 RNG_FOLDER = "rng"
 RESUME_KEYWORDS = ("auto", "never")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,7 +93,7 @@ def train_func(config: dict[str, Any]) -> None:
     # From here on each worker draws its own random numbers.
     seed_everything(train.seed + 1 + rank)
     state = TrainState()
-    checkpoint = starting_checkpoint(cfg)
+    checkpoint = starting_checkpoint(cfg, store)
     if checkpoint is not None:
         state = restore(engine, checkpoint, rank)
 
@@ -160,13 +164,32 @@ def train_func(config: dict[str, Any]) -> None:
             inject_fault_once(store, state.step, rank, world_size)
 
 
-def starting_checkpoint(cfg: Config) -> ray.train.Checkpoint | None:
-    """Ray's latest checkpoint of this run, else the one `train.resume` names, else None."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.train.resume not in RESUME_KEYWORDS:
-        filesystem, path = open_filesystem(cfg.train.resume, cfg.data.s3_endpoint_url)
-        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
-    return checkpoint
+def resume_checkpoint(store: CheckpointStore, resume: str) -> StoredCheckpoint | None:
+    """The checkpoint a run starts from: its newest complete one, else the one `resume`
+    (`train.resume`) names while the run has none, else None (a fresh start). The driver
+    checks and announces it before the workers start; each worker then loads it."""
+    start = store.latest()
+    if start is None and resume not in RESUME_KEYWORDS:
+        start = store.open_checkpoint(resume)
+    return start
+
+
+def starting_checkpoint(cfg: Config, store: CheckpointStore) -> ray.train.Checkpoint | None:
+    """`resume_checkpoint` as a Ray checkpoint. Ray offers, on a restart, the last checkpoint
+    reported; the run's reporter marks it complete after Ray has registered it, so the store
+    decides: an offer that is not complete (its upload or marker cut short) is passed over."""
+    start = resume_checkpoint(store, cfg.train.resume)
+    offered = ray.train.get_checkpoint()
+    if offered is not None and (start is None or Path(offered.path).name != Path(start.path).name):
+        logger.warning(
+            "Ray offered %s to resume from, which is not the run's newest complete checkpoint; "
+            "starting from %s instead",
+            offered.path,
+            start.path if start is not None else "scratch",
+        )
+    if start is None:
+        return None
+    return ray.train.Checkpoint(start.path, filesystem=start.filesystem)
 
 
 def save_checkpoint(

@@ -6,8 +6,10 @@ too. A run owns `<storage>/<run_name>/`; each checkpoint is a folder in it named
 step. The store knows nothing of what is inside a checkpoint. Once every worker's upload of a
 checkpoint is done, `mark_complete` writes a marker listing the checkpoint's files and sizes;
 a checkpoint counts only if its marker is there, parses, and every listed file is present at
-its size. A checkpoint half uploaded (a worker died mid-way) or half deleted (pruning
-interrupted) is therefore never taken for the latest.
+its size. A checkpoint half uploaded (a worker died mid-way), half deleted (pruning
+interrupted) or tampered with is therefore never taken for the latest: `latest` is the one
+answer to "where does this run stand", for resuming (`loop.resume_checkpoint`), pruning
+(`prune`) and the tools that read a run (evaluate, export).
 """
 
 from __future__ import annotations
@@ -48,11 +50,32 @@ def open_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.Fil
 
 @dataclass(frozen=True)
 class StoredCheckpoint:
-    """A complete checkpoint: its step, its folder (a filesystem path) and its marker's info."""
+    """A complete checkpoint: its step, its folder (a path in `filesystem`) and its marker's
+    info."""
 
     step: int
     path: str
     info: dict[str, Any] = field(default_factory=dict)
+    filesystem: pafs.FileSystem = field(
+        default_factory=pafs.LocalFileSystem, compare=False, repr=False
+    )
+
+
+@dataclass(frozen=True)
+class IncompleteCheckpoint:
+    """A checkpoint folder that does not count, and why (no marker, a listed file missing)."""
+
+    step: int
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunCheckpoints:
+    """A run's checkpoint folders, each list oldest first."""
+
+    complete: list[StoredCheckpoint]
+    incomplete: list[IncompleteCheckpoint]
 
 
 class CheckpointStore:
@@ -98,32 +121,59 @@ class CheckpointStore:
         # The marker is the last thing written and a single object: a reader sees all or none.
         self._write(f"{checkpoint_path}/{MARKER_NAME}", json.dumps(marker, indent=1))
 
-    def checkpoints(self) -> list[StoredCheckpoint]:
-        """The run's complete checkpoints, oldest first."""
+    def scan(self) -> RunCheckpoints:
+        """The run's checkpoint folders, sorted into complete and incomplete ones."""
         # One listing of the whole run folder, grouped by checkpoint folder.
         folders: dict[str, dict[str, int]] = {}
         for relative, size in _files_under(self.filesystem, self.run_path).items():
             folder, _, name = relative.partition("/")
             if folder.startswith(CHECKPOINT_PREFIX) and name:
                 folders.setdefault(folder, {})[name] = size
-        verified = (
-            _verified(self.filesystem, f"{self.run_path}/{folder}", files)
-            for folder, files in folders.items()
-        )
-        return sorted(
-            (checkpoint for checkpoint in verified if checkpoint is not None),
+        inspected = sorted(
+            (
+                _inspect(self.filesystem, f"{self.run_path}/{folder}", files)
+                for folder, files in folders.items()
+            ),
             key=lambda checkpoint: checkpoint.step,
         )
+        return RunCheckpoints(
+            complete=[c for c in inspected if isinstance(c, StoredCheckpoint)],
+            incomplete=[c for c in inspected if isinstance(c, IncompleteCheckpoint)],
+        )
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        """The run's complete checkpoints, oldest first."""
+        return self.scan().complete
 
     def latest(self) -> StoredCheckpoint | None:
+        """The run's newest complete checkpoint: where it stands, and where it resumes from."""
         complete = self.checkpoints()
         return complete[-1] if complete else None
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the `keep` newest complete checkpoints, and the incomplete ones older
+        than the newest complete one (abandoned uploads: nothing resumes from them); returns
+        the deleted folders' names. Incomplete ones newer than it are left alone: a worker may
+        be uploading one right now. Deleting goes oldest first, so an interrupted prune never
+        leaves an older complete checkpoint without the newer ones."""
+        run = self.scan()
+        if not run.complete:
+            return []
+        newest = run.complete[-1].step
+        doomed = sorted(
+            [c for c in run.incomplete if c.step < newest] + run.complete[:-keep],
+            key=lambda checkpoint: checkpoint.step,
+        )
+        for checkpoint in doomed:
+            self.filesystem.delete_dir(checkpoint.path)
+        return [checkpoint.path.rpartition("/")[2] for checkpoint in doomed]
 
     def has_checkpoint_folders(self) -> bool:
         """Whether the run has any checkpoint folder at all, complete or not."""
         selector = pafs.FileSelector(self.run_path, allow_not_found=True)
+        # Folders only: Ray Train's checkpoint_manager_snapshot.json shares the prefix.
         return any(
-            entry.base_name.startswith(CHECKPOINT_PREFIX)
+            entry.base_name.startswith(CHECKPOINT_PREFIX) and entry.type == pafs.FileType.Directory
             for entry in self.filesystem.get_file_info(selector)
         )
 
@@ -156,12 +206,12 @@ class CheckpointStore:
 def open_checkpoint(uri: str, endpoint_url: str | None = None) -> StoredCheckpoint:
     """The complete checkpoint at `uri` (local path or s3:// URI), or a StorageError."""
     filesystem, path = open_filesystem(uri, endpoint_url)
-    checkpoint = _verified(filesystem, path, _files_under(filesystem, path))
-    if checkpoint is None:
+    checkpoint = _inspect(filesystem, path, _files_under(filesystem, path))
+    if isinstance(checkpoint, IncompleteCheckpoint):
         raise StorageError(
-            f"{uri}: not a complete checkpoint (expected a {CHECKPOINT_PREFIX}<step> folder "
-            f"holding {MARKER_NAME} and every file it lists); pick one that a training run "
-            "printed at its end"
+            f"{uri}: not a complete checkpoint ({checkpoint.reason}; expected a "
+            f"{CHECKPOINT_PREFIX}<step> folder holding {MARKER_NAME} and every file it lists); "
+            "pick one that a training run printed at its end"
         )
     return checkpoint
 
@@ -201,19 +251,30 @@ def _files_under(filesystem: pafs.FileSystem, path: str) -> dict[str, int]:
     }
 
 
-def _verified(
+def step_from_name(path: str) -> int:
+    """The step in a checkpoint folder's name (`checkpoint_00000012` -> 12), -1 if none."""
+    digits = path.rstrip("/").rpartition("/")[2].removeprefix(CHECKPOINT_PREFIX)
+    return int(digits) if digits.isdigit() else -1
+
+
+def _inspect(
     filesystem: pafs.FileSystem, path: str, files: dict[str, int]
-) -> StoredCheckpoint | None:
-    """The checkpoint at `path` if its marker parses and every file it lists is present."""
+) -> StoredCheckpoint | IncompleteCheckpoint:
+    """The checkpoint at `path`, complete if its marker parses and every file it lists is
+    present at its size; `files` is what the folder holds (relative name -> size)."""
+
+    def incomplete(reason: str) -> IncompleteCheckpoint:
+        return IncompleteCheckpoint(step_from_name(path), path, reason)
+
     if MARKER_NAME not in files:
-        return None
+        return incomplete(f"no {MARKER_NAME}")
     try:
         with filesystem.open_input_stream(f"{path}/{MARKER_NAME}") as stream:
             marker = json.loads(stream.read())
         expected, step = marker.pop("files"), marker.pop("step")
-    except (OSError, ValueError, KeyError, TypeError):
-        # Unreadable or truncated marker: treat the checkpoint as incomplete.
-        return None
-    if any(files.get(name) != size for name, size in expected.items()):
-        return None
-    return StoredCheckpoint(step=step, path=path, info=marker)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return incomplete(f"{MARKER_NAME} unreadable or truncated")
+    missing = sorted(name for name, size in expected.items() if files.get(name) != size)
+    if missing:
+        return incomplete(f"{', '.join(missing)} missing or of another size than its marker says")
+    return StoredCheckpoint(step=step, path=path, info=marker, filesystem=filesystem)

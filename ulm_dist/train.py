@@ -11,8 +11,9 @@ before Ray starts, then device and precision. Then a `TorchTrainer` runs `loop.t
 on every worker. A reporter running in Ray Train's controller marks checkpoints complete,
 writes the metrics and sends the progress lines that this driver prints; checkpoints
 reported with `val/` metrics (see `validation.py`) carry them in their completion marker,
-for picking the best one. A rerun with the same run name continues from the run's latest
-checkpoint (`train.resume`).
+for picking the best one, then prunes the old ones (`train.keep_checkpoints`). A rerun with
+the same run name continues from the run's newest complete checkpoint (`train.resume`); the
+store, not Ray Train's own list of reported checkpoints, says which that is.
 """
 
 from __future__ import annotations
@@ -34,21 +35,24 @@ import ray.train
 import torch
 import yaml
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from ulm_dist.config import Config, ConfigError, load_config
 from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
 from ulm_dist.engine import check_precision, resolve_precision
-from ulm_dist.loop import RESUME_KEYWORDS, train_func
+from ulm_dist.loop import resume_checkpoint, train_func
 from ulm_dist.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
 from ulm_dist.redaction import print_redacted, redacted_config
-from ulm_dist.store import CheckpointStore, StorageError
+from ulm_dist.store import CheckpointStore, StorageError, StoredCheckpoint
 from ulm_dist.validation import SHEET_FILES
 
 VAL_PREFIX = "val/"
 
 CONFIG_NAME = "config.yaml"
+# What shells report for a command ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT_CODE = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except ray.train.TrainingFailedError as error:
         print_redacted(f"ulm_dist.train: training failed: {error}", file=sys.stderr)
         return 1
+    except Interrupted as stopped:
+        print_redacted(f"ulm_dist.train: stopped: {stopped}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     return 0
 
 
@@ -96,7 +103,7 @@ def train(
     forwards reports to Ray Tune, see tune.py)."""
     store = CheckpointStore(cfg.train.storage, cfg.train.run_name, cfg.data.s3_endpoint_url)
     store.check_writable()
-    check_resume(cfg, store)
+    start = check_resume(cfg, store)
     shards = prepare_data(cfg)
     val_shards = prepare_val_data(cfg)
     use_gpu = choose_device(cfg, verbose)
@@ -109,6 +116,7 @@ def train(
     (log_folder / CONFIG_NAME).write_text(config_text)
 
     start_ray(verbose)
+    forget_ray_checkpoint_list(store)
     lines = Queue(actor_options={"num_cpus": 0})
     # Ray Train would move each worker into a scratch folder of its own; staying in the
     # driver's working folder keeps relative paths in the config meaning the same there.
@@ -127,7 +135,8 @@ def train(
             storage_path=store.root,
             storage_filesystem=store.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # No num_to_keep: Ray would prune by its own list, blind to completion markers;
+            # the reporter prunes by the store's (CheckpointStore.prune).
             callbacks=[RunReporter(store, metrics_log, cfg, lines), *callbacks],
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
@@ -138,14 +147,18 @@ def train(
         f"{cfg.train.steps} steps x {cfg.train.batch_size} pairs; "
         f"store {store.uri(store.run_path)}"
     )
+    announce_start(store, start)
     if val_shards is not None:
         every = cfg.train.eval_every or cfg.train.checkpoint_every
         print_redacted(
             f"evaluating on {cfg.data.val_spec()} (val split, {cfg.train.eval_samples} images) "
             f"every {every} steps: val/landmark_error"
         )
-    with printing_lines(lines):
-        result = trainer.fit()
+    try:
+        with printing_lines(lines):
+            result = fit_interruptibly(trainer)
+    except KeyboardInterrupt:
+        raise Interrupted(stop_workers(store)) from None
 
     latest = store.latest()
     final = store.uri(latest.path) if latest else "none"
@@ -158,6 +171,49 @@ def train(
     return result
 
 
+class Interrupted(Exception):
+    """Ctrl-C on the driver stopped the run; the message says where it stands."""
+
+
+def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, run in a thread of its own so that Ctrl-C raises KeyboardInterrupt
+    in this one. In the main thread, fit() would install Ray Train's own SIGINT handler,
+    which aborts the run without a word and leaves the workers a few more steps to upload
+    checkpoints that nothing marks complete."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    # A daemon: after Ctrl-C, its wait on the stopped run must not hold the process.
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def stop_workers(store: CheckpointStore) -> str:
+    """After Ctrl-C: end the run's workers and say which checkpoint to continue from.
+
+    Disconnecting ends the driver's Ray job, and with it Ray Train's controller and the
+    workers it owns (on a local cluster, the cluster too). A checkpoint they were uploading
+    stays incomplete, without a marker: the store passes over it."""
+    print_redacted("interrupted (Ctrl-C): stopping the workers", file=sys.stderr)
+    ray.shutdown()
+    latest = store.latest()
+    if latest is None:
+        return "no complete checkpoint was written; the same command starts the run afresh"
+    return (
+        f"last complete checkpoint: {store.uri(latest.path)} (step {latest.step}); the same "
+        "command continues the run from it"
+    )
+
+
 class RunReporter(UserCallback):
     """Called by Ray Train in its controller, on the driver's node, once every worker has
     reported. By then every worker's upload of a reported checkpoint is done, so this is
@@ -168,6 +224,7 @@ class RunReporter(UserCallback):
         self.store = store
         self.metrics_log = metrics_log
         self.total_steps = cfg.train.steps
+        self.keep_checkpoints = cfg.train.keep_checkpoints
         self.max_failures = cfg.train.max_failures
         self.failures = 0
         self.lines = lines
@@ -186,6 +243,7 @@ class RunReporter(UserCallback):
                 checkpoint.path, record["step"], world_size=len(metrics), metrics=scores
             )
             line += f" | saved {Path(checkpoint.path).name}"
+            self.store.prune(self.keep_checkpoints)
         if self.metrics_log.append(record):
             self.lines.put(
                 f"resumed from the latest checkpoint: the reports from step {record['step']} "
@@ -211,9 +269,11 @@ class RunReporter(UserCallback):
         if self.failures > self.max_failures:
             self.lines.put(f"no restarts left (train.max_failures={self.max_failures})")
         else:
+            latest = self.store.latest()
             self.lines.put(
-                f"restarting the workers from the latest checkpoint (failure {self.failures} "
-                f"of at most train.max_failures={self.max_failures})"
+                f"restarting the workers from "
+                f"{Path(latest.path).name if latest else 'scratch (no complete checkpoint)'} "
+                f"(failure {self.failures} of at most train.max_failures={self.max_failures})"
             )
 
 
@@ -234,22 +294,16 @@ def printing_lines(lines: Queue) -> Iterator[None]:
         printer.join()
 
 
-def check_resume(cfg: Config, store: CheckpointStore) -> None:
-    """Refuse a resume setting that cannot work before anything starts."""
-    resume = cfg.train.resume
-    if store.has_checkpoint_folders():
-        if resume == "never":
-            raise ConfigError(
-                f"train.resume: never, but run {cfg.train.run_name!r} already has checkpoints in "
-                f"{store.uri(store.run_path)}; choose another train.run_name, delete that "
-                "folder, or resume with train.resume=auto"
-            )
-        # Ray Train continues the run from its own latest checkpoint.
-        start = store.latest()
-    elif resume in RESUME_KEYWORDS:
-        return
-    else:
-        start = store.open_checkpoint(resume)
+def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None:
+    """The checkpoint the workers will start from (`loop.resume_checkpoint`); a resume
+    setting that cannot work is refused before anything starts."""
+    if cfg.train.resume == "never" and store.has_checkpoint_folders():
+        raise ConfigError(
+            f"train.resume: never, but run {cfg.train.run_name!r} already has checkpoints in "
+            f"{store.uri(store.run_path)}; choose another train.run_name, delete that "
+            "folder, or resume with train.resume=auto"
+        )
+    start = resume_checkpoint(store, cfg.train.resume)
     if start is not None and start.info.get("world_size") != cfg.train.num_workers:
         raise ConfigError(
             f"train.num_workers: the checkpoint to resume from ({store.uri(start.path)}) was "
@@ -257,6 +311,31 @@ def check_resume(cfg: Config, store: CheckpointStore) -> None:
             f"{cfg.train.num_workers}; ZeRO shards its state per worker, so resume with "
             f"train.num_workers={start.info.get('world_size')} or start a new run"
         )
+    return start
+
+
+def announce_start(store: CheckpointStore, start: StoredCheckpoint | None) -> None:
+    """Print where the run starts, and each newer checkpoint folder passed over as
+    incomplete (a save cut short, a file deleted): training redoes its steps."""
+    newest = start.step if start is not None and start.path.startswith(store.run_path) else -1
+    for skipped in store.scan().incomplete:
+        if skipped.step > newest:
+            print_redacted(
+                f"skipping {store.uri(skipped.path)}: incomplete ({skipped.reason}); its steps "
+                "are trained again"
+            )
+    if start is not None:
+        print_redacted(f"resuming from {store.uri(start.path)} (step {start.step})")
+
+
+def forget_ray_checkpoint_list(store: CheckpointStore) -> None:
+    """Delete the list of reported checkpoints that Ray Train keeps in the run folder. On a
+    rerun Ray would offer the last one it lists, complete or not, and refuse to start at all
+    once the reporter has pruned one it lists; the workers resume from the store's newest
+    complete checkpoint instead (`loop.resume_checkpoint`)."""
+    path = f"{store.run_path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    if store.filesystem.get_file_info(path).type == pafs.FileType.File:
+        store.filesystem.delete_file(path)
 
 
 def start_ray(verbose: bool) -> None:
