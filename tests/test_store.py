@@ -1,8 +1,14 @@
 import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
 
+import boto3
 import pyarrow.fs as pafs
 import pytest
 
+from ulm_dist.data.s3_server import local_s3_server_process
 from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError, local_copy
 
 # Port 1 (tcpmux) has no listener on any machine these tests run on: connections are refused.
@@ -158,3 +164,50 @@ def test_pruning_a_run_with_no_complete_checkpoint_deletes_nothing(store):
     write_checkpoint(store, 2, mark=False)
     assert store.prune(keep=1) == []
     assert store.has_checkpoint_folders()
+
+
+@pytest.fixture
+def outage_store(s3_server, tmp_path) -> Iterator[tuple[CheckpointStore, subprocess.Popen]]:
+    """A store on an S3 server of its own (the test stops or kills it), holding checkpoint 2;
+    2 attempts of at most 1 s each."""
+    with local_s3_server_process(tmp_path / "moto.log") as (endpoint, server):
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+        store = CheckpointStore(
+            "s3://outage/runs", "run", endpoint, max_attempts=2, read_timeout_s=1
+        )
+        write_checkpoint(store, 2)
+        yield store, server
+
+
+@pytest.mark.faults
+def test_a_hung_s3_server_fails_a_listing_within_the_attempts_naming_the_store(outage_store):
+    store, server = outage_store
+    server.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as raised:
+        store.latest()
+    assert time.monotonic() - started < 10  # 2 attempts of 1 s, and the backoff between
+    message = str(raised.value)
+    assert message.startswith("listing the checkpoints in s3://outage/runs/run failed: ")
+    assert "failed 2 attempts of at most 1 s each (data.s3_max_attempts)" in message
+    assert f"endpoint {store.endpoint_url}" in message
+    assert "run the same command again" in message
+
+
+@pytest.mark.faults
+def test_a_killed_s3_server_fails_marking_a_checkpoint_naming_the_operation(outage_store):
+    store, server = outage_store
+    server.kill()
+    server.wait()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"^marking checkpoint_00000002 complete in s3://"):
+        store.mark_complete(f"{store.run_path}/checkpoint_00000002", 2)
+    assert time.monotonic() - started < 10
+
+
+def test_store_errors_keep_credentials_in_the_endpoint_out_of_the_message():
+    store = CheckpointStore("s3://bucket/runs", "run", "http://KEY:PLANTED_SECRET@127.0.0.1:1")
+    with pytest.raises(StorageError) as raised, store.named_errors("listing the checkpoints"):
+        raise OSError("curl: could not reach http://KEY:PLANTED_SECRET@127.0.0.1:1")
+    assert "PLANTED_SECRET" not in str(raised.value)
+    assert "endpoint http://***@127.0.0.1:1" in str(raised.value)

@@ -76,7 +76,12 @@ def train_func(config: dict[str, Any]) -> None:
     train = cfg.train
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    store = CheckpointStore(train.storage, train.run_name, cfg.data.s3_endpoint_url)
+    store = CheckpointStore(
+        train.storage,
+        train.run_name,
+        cfg.data.s3_endpoint_url,
+        max_attempts=cfg.data.s3_max_attempts,
+    )
 
     # The same seed everywhere gives every worker the same initial weights.
     seed_everything(train.seed)
@@ -214,11 +219,14 @@ def save_checkpoint(
             write_train_state(folder, state, cfg, world_size)
             for tag, png in pictures.items():
                 (folder / SHEET_FILES[tag]).write_bytes(png)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=store.checkpoint_dir_name(state.step),
-        )
+        name = store.checkpoint_dir_name(state.step)
+        # Ray uploads the folder within report(), through the store's filesystem.
+        with store.named_errors(f"saving {name}"):
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=name,
+            )
 
 
 def write_train_state(folder: Path, state: TrainState, cfg: Config, world_size: int) -> None:

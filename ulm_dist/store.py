@@ -24,6 +24,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from ulm_dist.data.s3 import CONNECT_TIMEOUT_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_READ_TIMEOUT_S
+from ulm_dist.redaction import redact_url
+
 MARKER_NAME = "checkpoint_complete.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 S3_SCHEME = "s3://"
@@ -33,14 +36,25 @@ class StorageError(RuntimeError):
     """Storage that cannot be used, or a checkpoint that is not there; says what to do."""
 
 
-def open_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path within it for a local folder or an s3:// URI."""
+def open_filesystem(
+    uri: str,
+    endpoint_url: str | None = None,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path within it for a local folder or an s3:// URI. S3
+    requests follow the data's retry policy (`data.s3.S3Options`): at most `max_attempts`
+    tries, each given up after `read_timeout_s` without an answer, so an outage or a hung
+    server ends in an error within a bounded time. Ray Train uploads checkpoints through
+    the same filesystem."""
     if uri.startswith(S3_SCHEME):
         filesystem = pafs.S3FileSystem(
             endpoint_override=endpoint_url,
-            # Fail within seconds on an unreachable endpoint instead of retrying for minutes.
-            connect_timeout=5,
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+            connect_timeout=CONNECT_TIMEOUT_S,
+            # On Linux the SDK applies it as "less than 1 byte/s for this long" (curl).
+            request_timeout=read_timeout_s,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
         )
         return filesystem, uri.removeprefix(S3_SCHEME).rstrip("/")
     if "://" in uri:
@@ -81,10 +95,22 @@ class RunCheckpoints:
 class CheckpointStore:
     """The checkpoints of one run, `<storage>/<run_name>/checkpoint_<step>/`."""
 
-    def __init__(self, storage: str, run_name: str, endpoint_url: str | None = None):
+    def __init__(
+        self,
+        storage: str,
+        run_name: str,
+        endpoint_url: str | None = None,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    ):
         self.storage = storage
         self.endpoint_url = endpoint_url
-        self.filesystem, self.root = open_filesystem(storage, endpoint_url)
+        self.max_attempts = max_attempts
+        self.read_timeout_s = read_timeout_s
+        self.filesystem, self.root = open_filesystem(
+            storage, endpoint_url, max_attempts=max_attempts, read_timeout_s=read_timeout_s
+        )
         self.run_path = f"{self.root}/{run_name}"
 
     def uri(self, path: str) -> str:
@@ -95,6 +121,30 @@ class CheckpointStore:
     def checkpoint_dir_name(step: int) -> str:
         # Zero-padded so that names sort by step.
         return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    @contextmanager
+    def named_errors(self, operation: str) -> Iterator[None]:
+        """Re-raise what the filesystem raises once its retries are spent as a StorageError
+        naming the store, `operation` (what was being done) and what to do."""
+        try:
+            yield
+        except OSError as error:
+            if isinstance(self.filesystem, pafs.S3FileSystem):
+                advice = (
+                    f"the S3 store (endpoint {self.endpoint_url or 'AWS default'}) "
+                    f"failed {self.max_attempts} attempts of at most {self.read_timeout_s:g} s "
+                    "each (data.s3_max_attempts); check that it is up and reachable and the "
+                    "credentials"
+                )
+            else:
+                advice = "check the folder's permissions and free space"
+            # Redacted whole: the client's own message may quote the endpoint.
+            raise StorageError(
+                redact_url(
+                    f"{operation} in {self.uri(self.run_path)} failed: {error}; {advice}, then "
+                    "run the same command again: it continues from the last complete checkpoint"
+                )
+            ) from error
 
     def check_writable(self) -> None:
         """Write, read back and delete a probe in the run folder, or say why that failed."""
@@ -115,27 +165,30 @@ class CheckpointStore:
 
     def mark_complete(self, checkpoint_path: str, step: int, **info: Any) -> None:
         """Record that the checkpoint folder holds all its files (call after every upload)."""
-        files = _files_under(self.filesystem, checkpoint_path)
-        files.pop(MARKER_NAME, None)
-        marker = {"step": step, "files": files, **info}
-        # The marker is the last thing written and a single object: a reader sees all or none.
-        self._write(f"{checkpoint_path}/{MARKER_NAME}", json.dumps(marker, indent=1))
+        with self.named_errors(f"marking {checkpoint_path.rpartition('/')[2]} complete"):
+            files = _files_under(self.filesystem, checkpoint_path)
+            files.pop(MARKER_NAME, None)
+            marker = {"step": step, "files": files, **info}
+            # The marker is the last thing written and a single object: a reader sees all or
+            # none.
+            self._write(f"{checkpoint_path}/{MARKER_NAME}", json.dumps(marker, indent=1))
 
     def scan(self) -> RunCheckpoints:
         """The run's checkpoint folders, sorted into complete and incomplete ones."""
         # One listing of the whole run folder, grouped by checkpoint folder.
         folders: dict[str, dict[str, int]] = {}
-        for relative, size in _files_under(self.filesystem, self.run_path).items():
-            folder, _, name = relative.partition("/")
-            if folder.startswith(CHECKPOINT_PREFIX) and name:
-                folders.setdefault(folder, {})[name] = size
-        inspected = sorted(
-            (
-                _inspect(self.filesystem, f"{self.run_path}/{folder}", files)
-                for folder, files in folders.items()
-            ),
-            key=lambda checkpoint: checkpoint.step,
-        )
+        with self.named_errors("listing the checkpoints"):
+            for relative, size in _files_under(self.filesystem, self.run_path).items():
+                folder, _, name = relative.partition("/")
+                if folder.startswith(CHECKPOINT_PREFIX) and name:
+                    folders.setdefault(folder, {})[name] = size
+            inspected = sorted(
+                (
+                    _inspect(self.filesystem, f"{self.run_path}/{folder}", files)
+                    for folder, files in folders.items()
+                ),
+                key=lambda checkpoint: checkpoint.step,
+            )
         return RunCheckpoints(
             complete=[c for c in inspected if isinstance(c, StoredCheckpoint)],
             incomplete=[c for c in inspected if isinstance(c, IncompleteCheckpoint)],
@@ -165,16 +218,19 @@ class CheckpointStore:
             key=lambda checkpoint: checkpoint.step,
         )
         for checkpoint in doomed:
-            self.filesystem.delete_dir(checkpoint.path)
+            with self.named_errors(f"deleting {checkpoint.path.rpartition('/')[2]}"):
+                self.filesystem.delete_dir(checkpoint.path)
         return [checkpoint.path.rpartition("/")[2] for checkpoint in doomed]
 
     def has_checkpoint_folders(self) -> bool:
         """Whether the run has any checkpoint folder at all, complete or not."""
         selector = pafs.FileSelector(self.run_path, allow_not_found=True)
+        with self.named_errors("listing the run folder"):
+            entries = self.filesystem.get_file_info(selector)
         # Folders only: Ray Train's checkpoint_manager_snapshot.json shares the prefix.
         return any(
             entry.base_name.startswith(CHECKPOINT_PREFIX) and entry.type == pafs.FileType.Directory
-            for entry in self.filesystem.get_file_info(selector)
+            for entry in entries
         )
 
     def open_checkpoint(self, uri: str) -> StoredCheckpoint:
@@ -184,17 +240,20 @@ class CheckpointStore:
     def download(self, checkpoint: StoredCheckpoint, destination: Path) -> Path:
         """A local copy of the checkpoint's folder (for readers that need local files)."""
         destination.mkdir(parents=True, exist_ok=True)
-        _copy_to_local(self.filesystem, checkpoint.path, destination)
+        with self.named_errors(f"downloading {checkpoint.path.rpartition('/')[2]}"):
+            _copy_to_local(self.filesystem, checkpoint.path, destination)
         return destination
 
     def exists(self, name: str) -> bool:
-        info = self.filesystem.get_file_info(f"{self.run_path}/{name}")
+        with self.named_errors(f"looking for {name}"):
+            info = self.filesystem.get_file_info(f"{self.run_path}/{name}")
         return info.type != pafs.FileType.NotFound
 
     def write_text(self, name: str, text: str) -> str:
         """Write a small file into the run folder; returns its URI."""
         path = f"{self.run_path}/{name}"
-        self._write(path, text)
+        with self.named_errors(f"writing {name}"):
+            self._write(path, text)
         return self.uri(path)
 
     def _write(self, path: str, text: str) -> None:

@@ -101,7 +101,12 @@ def train(
 
     `callbacks` see every report after the run's own reporter (a sweep passes the one that
     forwards reports to Ray Tune, see tune.py)."""
-    store = CheckpointStore(cfg.train.storage, cfg.train.run_name, cfg.data.s3_endpoint_url)
+    store = CheckpointStore(
+        cfg.train.storage,
+        cfg.train.run_name,
+        cfg.data.s3_endpoint_url,
+        max_attempts=cfg.data.s3_max_attempts,
+    )
     store.check_writable()
     start = check_resume(cfg, store)
     shards = prepare_data(cfg)

@@ -78,7 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     """Run (or continue) the sweep; the results once every trial is done, else None."""
     base = sweep.base_config()
-    folder = CheckpointStore(sweep.storage, sweep.name, base.data.s3_endpoint_url)
+    folder = CheckpointStore(
+        sweep.storage,
+        sweep.name,
+        base.data.s3_endpoint_url,
+        max_attempts=base.data.s3_max_attempts,
+    )
     folder.check_writable()
     # Checked (and the synthetic set generated) once, before Ray starts: concurrent trials
     # must not all generate it at once.

@@ -4,7 +4,9 @@ reads, multipart uploads, and errors that name the URL.
 Credentials come from the standard AWS chain (environment, ~/.aws, instance roles); an
 `endpoint_url` points the client at an S3-compatible store (MinIO, Ceph, moto). Transient
 failures (throttling, 5xx, refused or dropped connections) are retried by botocore's
-"standard" mode: at most `max_attempts` tries with jittered exponential backoff. What still
+"standard" mode: at most `max_attempts` tries with jittered exponential backoff, each given up
+after `read_timeout_s` without an answer (a hung server). The checkpoint store's pyarrow
+client (`store.open_filesystem`) follows the same policy. What still
 fails is raised as `S3AccessError` naming the URL and the endpoint, except a missing object,
 which is an `ObjectNotFound` (a `FileNotFoundError`, like a missing local file) so that a
 reader can skip it and go on.
@@ -24,6 +26,14 @@ import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
+
+# The retry policy of every S3 client here (data through boto3, checkpoints through pyarrow).
+DEFAULT_MAX_ATTEMPTS = 5  # data.s3_max_attempts' default
+# Connecting takes milliseconds when the endpoint is up; an endpoint that does not answer is
+# given up on after this long, not the clients' minutes.
+CONNECT_TIMEOUT_S = 5.0
+# Seconds without a byte from the server before a request counts as failed and is retried.
+DEFAULT_READ_TIMEOUT_S = 20.0
 
 # Shards above this size are uploaded in parts of this size (S3 allows at most 10,000 parts).
 MULTIPART_BYTES = 64 * 2**20
@@ -51,7 +61,8 @@ class ObjectNotFound(FileNotFoundError):
 @dataclass(frozen=True)
 class S3Options:
     endpoint_url: str | None = None
-    max_attempts: int = 5
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
 
 def is_s3_url(url: str) -> bool:
@@ -77,8 +88,8 @@ def s3_client(options: S3Options) -> Any:
 def _client_for_process(options: S3Options, pid: int) -> Any:
     config = botocore.config.Config(
         retries={"max_attempts": options.max_attempts, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=options.read_timeout_s,
     )
     return boto3.session.Session().client("s3", endpoint_url=options.endpoint_url, config=config)
 

@@ -7,6 +7,7 @@ running Python, and never imports it.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,15 @@ def free_port() -> int:
 def local_s3_server(log_path: Path, timeout_s: float = 60) -> Iterator[str]:
     """Runs `moto_server` on 127.0.0.1 at a free port and yields its endpoint URL; the server
     is stopped on exit. Clients need credentials and a region (any values) in the environment."""
+    with local_s3_server_process(log_path, timeout_s) as (endpoint, _):
+        yield endpoint
+
+
+@contextlib.contextmanager
+def local_s3_server_process(
+    log_path: Path, timeout_s: float = 60
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`local_s3_server`, yielding its process too, for tests that stop or kill it."""
     executable = Path(sys.executable).with_name("moto_server")
     if not executable.is_file():
         raise FileNotFoundError(
@@ -43,8 +53,9 @@ def local_s3_server(log_path: Path, timeout_s: float = 60) -> Iterator[str]:
         )
     try:
         _wait_until_up(endpoint, server, log_path, timeout_s)
-        yield endpoint
+        yield endpoint, server
     finally:
+        server.send_signal(signal.SIGCONT)  # a test may have left it stopped
         server.terminate()
         try:
             server.wait(timeout=10)
