@@ -184,7 +184,10 @@ def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
     """`trainer.fit()`, run in a thread of its own so that Ctrl-C raises KeyboardInterrupt
     in this one. In the main thread, fit() would install Ray Train's own SIGINT handler,
     which aborts the run without a word and leaves the workers a few more steps to upload
-    checkpoints that nothing marks complete."""
+    checkpoints that nothing marks complete. Elsewhere (a Tune trial) no SIGINT arrives, and
+    fit() runs where it is called."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
