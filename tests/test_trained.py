@@ -10,7 +10,7 @@ from ulm_dist.config import load_config
 from ulm_dist.engine import ENGINE_TAG
 from ulm_dist.models import build_learner, perceptual
 from ulm_dist.store import CheckpointStore
-from ulm_dist.trained import TRAIN_STATE_NAME, load_trained
+from ulm_dist.trained import FIELDS_ADDED_LATER, TRAIN_STATE_NAME, load_trained
 
 SMALL = [
     "model.channels=[8,16]",
@@ -73,3 +73,18 @@ def test_a_checkpoint_from_before_the_choice_loads_as_random_features(
     trained = load_trained(write_checkpoint(tmp_path, raw, state))
     assert trained.config.loss.perceptual == "random"
     assert torch.equal(trained.learner.vgg.features[2].bias, state["vgg.features.2.bias"])
+
+
+def test_a_checkpoint_from_before_batch_norm_loads_with_the_group_norm_it_trained_with(
+    tmp_path, no_weights_anywhere
+):
+    old_fields = ["model.norm=group", "loss.recon_appearance=same", "train.lr_schedule=cosine"]
+    config = load_config(None, [*SMALL, *old_fields])
+    state = build_learner(config.model, config.loss).state_dict()
+    raw = config.to_dict()
+    for (section, key), _ in FIELDS_ADDED_LATER.items():
+        del raw[section][key]  # saved before these fields existed
+    trained = load_trained(write_checkpoint(tmp_path, raw, state))
+    assert trained.config.model.norm == "group"
+    assert trained.config.loss.recon_appearance == "same"
+    assert trained.config.train.lr_schedule == "cosine"

@@ -43,7 +43,7 @@ def load_trained(uri: str, s3_endpoint_url: str | None = None) -> TrainedModel:
                 f"{uri}: has no {TRAIN_STATE_NAME}; is this a checkpoint written by ulm_dist.train?"
             )
         saved = json.loads(state_file.read_text())
-        config = config_from_dict(with_perceptual_choice(saved["config"]))
+        config = config_from_dict(as_saved_run_trained(saved["config"]))
         weights = read_learner_weights(folder)
     learner = build_learner(config.model, loss_for_loading(config.loss))
     learner.load_state_dict(weights)
@@ -51,16 +51,27 @@ def load_trained(uri: str, s3_endpoint_url: str | None = None) -> TrainedModel:
     return TrainedModel(config, learner, saved["step"], uri, checkpoint.info)
 
 
-def with_perceptual_choice(raw: dict[str, Any]) -> dict[str, Any]:
-    """A saved config from before `loss.perceptual` existed, with the choice its run made:
-    ImageNet VGG-16 features when `loss.vgg_weights` was set, frozen random ones otherwise."""
-    loss = raw.get("loss") or {}
-    if "perceptual" in loss:
-        return raw
-    return {
-        **raw,
-        "loss": {**loss, "perceptual": "imagenet" if loss.get("vgg_weights") else "random"},
-    }
+# Fields added after runs had been saved, with the value those runs trained with, so that a
+# saved config without them builds the learner that wrote the checkpoint.
+FIELDS_ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("model", "norm"): "group",
+    ("loss", "recon_appearance"): "same",
+    ("loss", "transform_deformation"): 0.0,
+    ("loss", "lambda_concentration"): 0.0,
+    ("train", "lr_schedule"): "cosine",
+}
+
+
+def as_saved_run_trained(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the fields it predates set as its run trained: `FIELDS_ADDED_LATER`,
+    and `loss.perceptual` as ImageNet VGG-16 features when `loss.vgg_weights` was set, frozen
+    random ones otherwise."""
+    sections = {name: dict(raw.get(name) or {}) for name in ("model", "loss", "train")}
+    for (section, key), value in FIELDS_ADDED_LATER.items():
+        sections[section].setdefault(key, value)
+    loss = sections["loss"]
+    loss.setdefault("perceptual", "imagenet" if loss.get("vgg_weights") else "random")
+    return {**raw, **sections}
 
 
 def loss_for_loading(loss: LossConfig) -> LossConfig:
