@@ -342,8 +342,9 @@ def forget_ray_checkpoint_list(store: CheckpointStore) -> None:
     once the reporter has pruned one it lists; the workers resume from the store's newest
     complete checkpoint instead (`loop.resume_checkpoint`)."""
     path = f"{store.run_path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
-    if store.filesystem.get_file_info(path).type == pafs.FileType.File:
-        store.filesystem.delete_file(path)
+    with store.named_errors("deleting Ray Train's list of checkpoints"):
+        if store.filesystem.get_file_info(path).type == pafs.FileType.File:
+            store.filesystem.delete_file(path)
 
 
 def start_ray(verbose: bool) -> None:
