@@ -88,6 +88,14 @@ def discovered(learner, split: Split, batch: int, size: int) -> torch.Tensor:
     return to_pixels(torch.cat(points).float().cpu(), size)
 
 
+@torch.no_grad()
+def mean_spread(learner, split: Split, batch: int = 256) -> float:
+    """Mean spread var(x) + var(y) of the score maps over the first `batch` images: how peaked
+    the detector's maps are (0: a single position; `landmarks.spatial_softmax_with_spread`)."""
+    images = split.batch(torch.arange(min(batch, len(split)), device=split.images.device))
+    return learner.model.pose_encoder(images).spread.float().mean().item()
+
+
 def evaluate(learner, fit: Split, test: Split, layout: LandmarkLayout, size: int):
     learner.eval()
     fit_points, test_points = (discovered(learner, s, 256, size) for s in (fit, test))
@@ -154,7 +162,14 @@ def main() -> None:
     print(comparison_table(rows))
 
 
-COMPARED = ("steps", "train_minutes", "pairs_per_s", "landmark_error", "mean_shape_error")
+COMPARED = (
+    "steps",
+    "train_minutes",
+    "pairs_per_s",
+    "landmark_error",
+    "mean_shape_error",
+    "spread",
+)
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -207,10 +222,16 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
             torch.cuda.synchronize()
         trained_s += time.perf_counter() - started
         report, fit_points, test_points = evaluate(learner, fit, test, layout, size)
-        history.append({"step": step, "train_s": trained_s, **report.as_metrics()})
+        learner.eval()
+        spread = mean_spread(learner, test)
+        learner.train()
+        history.append(
+            {"step": step, "train_s": trained_s, "spread": spread, **report.as_metrics()}
+        )
         print(
             f"step {step}: loss {losses['total'].item():.4f}, error {report.error:.2f}% "
-            f"(mean shape {report.baseline_error:.2f}%), {step * batch / trained_s:.1f} pairs/s",
+            f"(mean shape {report.baseline_error:.2f}%), spread {spread:.4f}, "
+            f"{step * batch / trained_s:.1f} pairs/s",
             flush=True,
         )
     return write_results(
@@ -242,6 +263,7 @@ def write_results(
         "landmark_error": round(report.error, 3),
         "mean_shape_error": round(report.baseline_error, 3),
         "reverse_error": round(report.reverse_error, 3),
+        "spread": round(last["spread"], 4),
         "config": cfg.to_dict(),
         "history": history,
     }

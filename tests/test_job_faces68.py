@@ -7,9 +7,9 @@ from ulm_dist.config import load_config
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "faces68.yaml"
 
 
-def test_faces68_job_trains_the_tiny_model_at_64px_and_validates_on_held_out_people():
+def test_faces68_job_trains_the_tiny_model_at_32px_and_validates_on_held_out_people():
     config = load_config(JOB)
-    assert (config.model.image_size, config.model.num_landmarks) == (64, 10)
+    assert (config.model.image_size, config.model.num_landmarks) == (32, 10)
     assert config.model.channels == load_config().model.channels  # the tiny preset's widths
     assert config.data.train.endswith("/train") and config.data.val_spec().endswith("/val")
 

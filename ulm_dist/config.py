@@ -126,7 +126,7 @@ class LossConfig:
         1.0, "weight of the prior that keeps landmarks apart (see models/priors.py)", min=0
     )
     lambda_concentration: float = option(
-        0.0,
+        1.0,
         "weight of the concentration prior, the spread of each landmark's score map (Zhang et "
         "al. 2018; see models/priors.py)",
         min=0,

@@ -153,24 +153,22 @@ def _decoder_sensitivity(learner, images: torch.Tensor) -> tuple[float, float]:
     return (moved - drawn).abs().mean().item(), (swapped - drawn).abs().mean().item()
 
 
-def test_codes_from_moved_images_make_the_decoder_rely_on_the_landmarks():
-    ratios = {}
-    for setting in ("same", "transformed"):
-        learner = small_learner("loss.perceptual=pixels", f"loss.recon_appearance={setting}")
-        loss_history(learner, blobs(8, seed=17), blobs(8, seed=18), steps=80)
-        move, swap = _decoder_sensitivity(learner.eval(), blobs(8, seed=19))
-        ratios[setting] = move / swap
-    # Codes pooled from the image itself carry its geometry, so the decoder can ignore the
-    # landmarks; codes from a moved copy cannot say where the parts are in the original.
-    assert (
-        ratios["transformed"] > 1.0 > ratios["same"] or ratios["transformed"] > 2 * ratios["same"]
-    ), ratios
+def test_after_a_short_fit_the_landmarks_move_the_image_more_than_the_background_code():
+    # The background code is painted everywhere, so it is where geometry could leak past the
+    # landmarks; codes taken from a warped copy cannot say where the parts are.
+    learner = small_learner("loss.perceptual=pixels")
+    loss_history(learner, blobs(8, seed=17), blobs(8, seed=18), steps=80)
+    move, swap = _decoder_sensitivity(learner.eval(), blobs(8, seed=19))
+    assert move > swap, (move, swap)
 
 
 def test_the_concentration_prior_sharpens_the_score_maps_during_a_short_fit():
-    learner = small_learner("loss.perceptual=pixels", "loss.lambda_concentration=1")
-    images = blobs(8, seed=20)
-    spread_before = learner.model.pose_encoder(images).spread.mean().item()
-    loss_history(learner, images, blobs(8, seed=21), steps=40)
-    spread_after = learner.model.pose_encoder(images).spread.mean().item()
-    assert spread_after < 0.5 * spread_before, (spread_before, spread_after)
+    images, others = blobs(8, seed=20), blobs(8, seed=21)
+    spreads = {}
+    for weight in (0, 1):
+        learner = small_learner("loss.perceptual=pixels", f"loss.lambda_concentration={weight}")
+        before = learner.model.pose_encoder(images).spread.mean().item()
+        loss_history(learner, images, others, steps=40)
+        spreads[weight] = (before, learner.model.pose_encoder(images).spread.mean().item())
+    (before, with_prior), (_, without) = spreads[1], spreads[0]
+    assert with_prior < 0.8 * before and with_prior < 0.8 * without, spreads
