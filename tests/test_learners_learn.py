@@ -30,12 +30,12 @@ def test_every_learner_learns_the_synthetic_landmarks(tmp_path):
         "--train-samples=1500",
         "--threads=2",
         f"--out={tmp_path}",
-        "loss.perceptual_layers=[pixels]",
     ]
     subprocess.run(command, check=True, timeout=1200)
     rows = {row["learner"]: row for row in json.loads((tmp_path / "comparison.json").read_text())}
     assert set(rows) == {"cycle", "imm", "part"}
     for name, row in rows.items():
         # After 120 steps at 32 px the mean shape misses by about 59% of the inter-ocular
-        # distance; a detector that follows the creature's pose gets well under that.
-        assert row["landmark_error"] < 0.75 * row["mean_shape_error"], (name, row)
+        # distance; with the default losses every learner reaches about half of that
+        # (BENCHMARKS.md).
+        assert row["landmark_error"] < 0.6 * row["mean_shape_error"], (name, row)

@@ -69,14 +69,16 @@ def test_loss_weights_scale_their_terms():
             "loss.lambda_recon=0.5",
             "loss.lambda_transform=2",
             "loss.lambda_separation=4",
+            "loss.lambda_concentration=0.25",
         )(a, b)
-    # Both learners draw the same random similarities: each is built right after manual_seed.
+    # Both learners draw the same random warps: each is built right after manual_seed.
     expected = (
         2 * base["cycle"]
         + 3 * base["equiv"]
         + 0.5 * base["recon"]
         + 2 * base["transform"]
         + 4 * base["sep"]
+        + 0.25 * base["conc"]
     )
     assert weighted["total"].item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -88,6 +90,7 @@ def test_consistency_terms_ramp_up_over_the_warmup_in_training_only():
         "loss.lambda_recon=0",
         "loss.lambda_transform=0",
         "loss.lambda_separation=0",
+        "loss.lambda_concentration=0",
     )
     a, b = blobs(2, seed=11), blobs(2, seed=12)
     with torch.no_grad():

@@ -36,7 +36,8 @@ def test_the_source_reaches_the_decoder_only_through_its_part_codes():
 
 
 def test_each_view_is_redrawn_in_its_own_parts_with_the_other_views_codes():
-    learner = small_learner("loss.perceptual=pixels")
+    # Evaluation mode: BatchNorm then normalises each image on its own, as a lone call does.
+    learner = small_learner("loss.perceptual=pixels").eval()
     image, warped = blobs(2, seed=3), blobs(2, seed=4)
     with torch.no_grad():
         losses = learner(image, warped)
@@ -50,7 +51,7 @@ def test_each_view_is_redrawn_in_its_own_parts_with_the_other_views_codes():
 def test_every_trainable_parameter_gets_a_gradient_and_vgg_stays_frozen():
     learner = small_learner()
     losses = learner(blobs(4, seed=3), blobs(4, seed=4))
-    assert set(losses) == {"recon", "transform", "sep", "total"}
+    assert set(losses) == {"recon", "transform", "sep", "conc", "total"}
     losses["total"].backward()
     trainable, no_grad = gradient_coverage(learner)
     assert trainable and no_grad == []
@@ -59,10 +60,15 @@ def test_every_trainable_parameter_gets_a_gradient_and_vgg_stays_frozen():
 
 def test_the_total_weighs_the_terms_by_the_config():
     learner = small_learner(
-        "loss.lambda_recon=2", "loss.lambda_transform=5", "loss.lambda_separation=3"
+        "loss.lambda_recon=2",
+        "loss.lambda_transform=5",
+        "loss.lambda_separation=3",
+        "loss.lambda_concentration=0.5",
     )
     losses = learner(blobs(2, seed=5), blobs(2, seed=6))
-    expected = 2 * losses["recon"] + 5 * losses["transform"] + 3 * losses["sep"]
+    expected = (
+        2 * losses["recon"] + 5 * losses["transform"] + 3 * losses["sep"] + 0.5 * losses["conc"]
+    )
     assert torch.allclose(losses["total"], expected)
 
 

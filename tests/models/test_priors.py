@@ -34,7 +34,10 @@ def test_separation_pushes_landmarks_apart_and_is_zero_for_one_landmark():
 
 
 def test_priors_with_zero_weight_are_not_computed():
-    config = load_config(None, ["loss.lambda_transform=0", "loss.lambda_separation=2"]).loss
+    config = load_config(
+        None,
+        ["loss.lambda_transform=0", "loss.lambda_separation=2", "loss.lambda_concentration=0"],
+    ).loss
 
     def detect(images: torch.Tensor) -> torch.Tensor:
         raise AssertionError("the transform prior is off: no extra detector pass")
@@ -56,7 +59,7 @@ def test_concentration_is_the_mean_spread_and_needs_the_spread():
 
 
 def test_transform_prior_uses_the_learners_own_detections_when_given():
-    config = load_config(None, ["loss.lambda_separation=0"]).loss
+    config = load_config(None, ["loss.lambda_separation=0", "loss.lambda_concentration=0"]).loss
 
     def detect(images: torch.Tensor) -> torch.Tensor:
         raise AssertionError("the learner's detections are given: no extra detector pass")
