@@ -91,7 +91,8 @@ def test_annotated_folder_built_to_s3_keeps_its_landmarks(
         assert np.allclose((points[0] + 1) * 20, expected[key], atol=1e-4)
 
 
-def test_missing_object_is_skipped_and_counted(s3_server, s3_bucket):
+def _twelve_val_samples_in_three_shards(s3_server: str, s3_bucket: str) -> None:
+    """A synthetic val split of 12 images in shards of 5, 5 and 2 under <bucket>/set."""
     build_synthetic(
         f"{s3_bucket}/set",
         split_samples={"val": 12},
@@ -99,6 +100,10 @@ def test_missing_object_is_skipped_and_counted(s3_server, s3_bucket):
         shard_samples=5,
         write=WriteOptions(s3=S3Options(s3_server), progress=False),
     )
+
+
+def test_missing_object_is_skipped_and_counted(s3_server, s3_bucket):
+    _twelve_val_samples_in_three_shards(s3_server, s3_bucket)
     data = DataConfig(s3_endpoint_url=s3_server, num_workers=0)
     shards = resolve_shards(data, f"{s3_bucket}/set", "val", image_size=16)
     bucket, key = s3.split_s3_url(shards.urls[1])
@@ -108,13 +113,7 @@ def test_missing_object_is_skipped_and_counted(s3_server, s3_bucket):
 
 
 def test_a_shard_pattern_must_match_an_object(s3_server, s3_bucket):
-    build_synthetic(
-        f"{s3_bucket}/set",
-        split_samples={"val": 12},
-        image_size=16,
-        shard_samples=5,
-        write=WriteOptions(s3=S3Options(s3_server), progress=False),
-    )
+    _twelve_val_samples_in_three_shards(s3_server, s3_bucket)
     data = DataConfig(s3_endpoint_url=s3_server)
     whole = resolve_shards(data, f"{s3_bucket}/set", "val", image_size=16)
     folder = whole.urls[0].rsplit("/", 1)[0]
