@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from test_store import UNREACHABLE_ENDPOINT, write_checkpoint
 
 from ulm_dist.config import load_config
@@ -171,3 +172,18 @@ def test_gpu_training_on_a_cluster_without_gpus_asks_the_autoscaler_then_gives_u
     assert "2 workers need one GPU each but the Ray cluster has 0 after waiting 1 s" in (
         captured.err
     )
+
+
+def test_imagenet_weights_that_cannot_be_had_stop_the_driver(
+    capsys, run_args, tmp_path, monkeypatch
+):
+    # An empty hub cache and no network: the download fails as it does air-gapped.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def no_network(url, dst, *args, **kwargs):
+        raise OSError(f"<urlopen error [Errno 101] Network is unreachable> ({url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    message = refused(capsys, [*run_args, "loss.perceptual=imagenet"])
+    assert "loss.perceptual=imagenet" in message
+    assert "python -m ulm_dist.fetch_weights" in message and "loss.perceptual=pixels" in message

@@ -44,6 +44,7 @@ from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
 from ulm_dist.engine import check_precision, resolve_precision
 from ulm_dist.loop import resume_checkpoint, train_func
 from ulm_dist.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
+from ulm_dist.models.perceptual import PerceptualWeightsError, imagenet_vgg16_weights
 from ulm_dist.redaction import print_redacted, redacted_config
 from ulm_dist.store import CheckpointStore, StorageError, StoredCheckpoint
 from ulm_dist.validation import SHEET_FILES
@@ -111,6 +112,7 @@ def train(
     start = check_resume(cfg, store)
     shards = prepare_data(cfg)
     val_shards = prepare_val_data(cfg)
+    check_perceptual_weights(cfg)
     use_gpu = choose_device(cfg, verbose)
     precision = choose_precision(cfg, use_gpu)
 
@@ -431,6 +433,18 @@ def prepare_val_data(cfg: Config) -> ShardSet | None:
             "data.val=null"
         )
     return shards
+
+
+def check_perceptual_weights(cfg: Config) -> None:
+    """An imagenet run's VGG-16 weights, found (or downloaded once into the hub cache) on the
+    driver before any worker starts: a missing file is a deterministic error to report at
+    once, not a worker fault for Ray to retry."""
+    if cfg.loss.perceptual != "imagenet" or cfg.loss.vgg_weights:
+        return  # a given loss.vgg_weights file is checked with the config
+    try:
+        imagenet_vgg16_weights()
+    except PerceptualWeightsError as error:
+        raise ConfigError(f"loss.perceptual=imagenet: {error}") from error
 
 
 def checked_shards(cfg: Config, spec: str, split: str, field: str) -> ShardSet:
