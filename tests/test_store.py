@@ -3,10 +3,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pyarrow.fs as pafs
 import pytest
+import ray.train
+from ray.train.v2._internal.execution.storage import StorageContext
 
 from ulm_dist.data.s3_server import local_s3_server_process
 from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError, local_copy
@@ -211,3 +214,54 @@ def test_store_errors_keep_credentials_in_the_endpoint_out_of_the_message():
         raise OSError("curl: could not reach http://KEY:PLANTED_SECRET@127.0.0.1:1")
     assert "PLANTED_SECRET" not in str(raised.value)
     assert "endpoint http://***@127.0.0.1:1" in str(raised.value)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted on a folder of `tmp_path`, unmounted afterwards; skips where
+    mounting is not permitted (it needs root)."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]
+    try:
+        mounted = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.skip(f"cannot mount a small tmpfs to fill up ({error}); it needs root")
+    if mounted.returncode != 0:
+        reason = mounted.stderr.strip() or f"exit {mounted.returncode}"
+        pytest.skip(f"cannot mount a small tmpfs to fill up ({reason}); it needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True, timeout=30)
+
+
+@pytest.mark.faults
+def test_a_checkpoint_that_does_not_fit_on_the_disk_fails_naming_free_space(small_disk, tmp_path):
+    store = CheckpointStore(str(small_disk / "runs"), "run")
+    store.check_writable()
+    write_checkpoint(store, 1)
+    # A worker's part of checkpoint 2, written locally and uploaded into the store as
+    # loop.save_checkpoint has Ray do it within report(): Ray Train's storage context, on the
+    # store's filesystem, under the same named_errors.
+    part = tmp_path / "worker_part"
+    (part / "engine").mkdir(parents=True)
+    (part / "engine" / "weights.pt").write_bytes(b"w" * (2 << 20))  # twice the disk
+    (part / "train_state.json").write_text("{}")
+    ray_storage = StorageContext(store.root, "run", storage_filesystem=store.filesystem)
+    name = store.checkpoint_dir_name(2)
+    with pytest.raises(StorageError) as raised, store.named_errors(f"saving {name}"):
+        ray_storage.persist_current_checkpoint(ray.train.Checkpoint.from_directory(part), name)
+    message = str(raised.value)
+    assert message.startswith(f"saving {name} in {store.run_path} failed: ")
+    assert f"no space left on the device holding {store.run_path}" in message
+    assert "free space there or point train.storage elsewhere" in message
+    assert "run the same command again" in message
+    # The earlier checkpoint is untouched and still where the run stands; the half-written one
+    # has no marker and does not count.
+    assert store.latest().step == 1
+    run = store.scan()
+    assert [checkpoint.step for checkpoint in run.complete] == [1]
+    assert {checkpoint.step: checkpoint.reason for checkpoint in run.incomplete} == {
+        2: f"no {MARKER_NAME}"
+    }

@@ -14,6 +14,7 @@ answer to "where does this run stand", for resuming (`loop.resume_checkpoint`), 
 
 from __future__ import annotations
 
+import errno
 import json
 import tempfile
 from collections.abc import Iterator
@@ -135,6 +136,11 @@ class CheckpointStore:
                     f"failed {self.max_attempts} attempts of at most {self.read_timeout_s:g} s "
                     "each (data.s3_max_attempts); check that it is up and reachable and the "
                     "credentials"
+                )
+            elif error.errno == errno.ENOSPC:
+                advice = (
+                    f"no space left on the device holding {self.uri(self.run_path)}; free "
+                    "space there or point train.storage elsewhere"
                 )
             else:
                 advice = "check the folder's permissions and free space"
