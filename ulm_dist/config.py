@@ -111,8 +111,9 @@ class LossConfig:
     )
     lambda_transform: float = option(
         5.0,
-        "weight of the equivariance under random similarities |E_p(S(x)) - S(E_p(x))|^2, "
-        "every learner (Lorenz et al.'s 5 to reconstruction's 1; see models/priors.py)",
+        "weight of the equivariance under random warps |E_p(W(x)) - W(E_p(x))|^2 (a similarity "
+        "after loss.transform_deformation), every learner (Lorenz et al.'s 5 to "
+        "reconstruction's 1; see models/priors.py)",
         min=0,
     )
     transform_deformation: float = option(

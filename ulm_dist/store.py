@@ -316,7 +316,7 @@ def _files_under(filesystem: pafs.FileSystem, path: str) -> dict[str, int]:
     }
 
 
-def step_from_name(path: str) -> int:
+def _step_from_name(path: str) -> int:
     """The step in a checkpoint folder's name (`checkpoint_00000012` -> 12), -1 if none."""
     digits = path.rstrip("/").rpartition("/")[2].removeprefix(CHECKPOINT_PREFIX)
     return int(digits) if digits.isdigit() else -1
@@ -329,7 +329,7 @@ def _inspect(
     present at its size; `files` is what the folder holds (relative name -> size)."""
 
     def incomplete(reason: str) -> IncompleteCheckpoint:
-        return IncompleteCheckpoint(step_from_name(path), path, reason)
+        return IncompleteCheckpoint(_step_from_name(path), path, reason)
 
     if MARKER_NAME not in files:
         return incomplete(f"no {MARKER_NAME}")

@@ -41,7 +41,14 @@ from ulm_dist.redaction import print_redacted
 from ulm_dist.store import CheckpointStore, StorageError
 from ulm_dist.sweep_config import SweepConfig, load_sweep_config
 from ulm_dist.sweep_results import SweepResults, collect_results
-from ulm_dist.train import choose_device, choose_precision, prepare_data, start_ray, train
+from ulm_dist.train import (
+    check_perceptual_weights,
+    choose_device,
+    choose_precision,
+    prepare_data,
+    start_ray,
+    train,
+)
 from ulm_dist.trained import load_trained
 
 # A trial only launches and watches its Train workers, which reserve their own CPUs and GPUs.
@@ -85,9 +92,10 @@ def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
         max_attempts=base.data.s3_max_attempts,
     )
     folder.check_writable()
-    # Checked (and the synthetic set generated) once, before Ray starts: concurrent trials
-    # must not all generate it at once.
+    # Checked (and the synthetic set generated, the ImageNet weights fetched) once, before Ray
+    # starts: concurrent trials must not all do it at once.
     prepare_data(base)
+    check_perceptual_weights(base)
     start_ray(verbose)
     # Decided once here: a trial asking the cluster could wait on a GPU its neighbours hold.
     use_gpu = choose_device(base, verbose)

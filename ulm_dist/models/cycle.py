@@ -51,13 +51,18 @@ class CycleOutputs:
     """Everything one forward pass of a pair produces; index 0 is image i, 1 is image j."""
 
     pose: Pose  # of I_i and I_j, concatenated (points: p_i, p_j)
-    landmarks: tuple[torch.Tensor, torch.Tensor]  # p_i, p_j: (B, K, 2)
     landmarks_again: tuple[torch.Tensor, torch.Tensor]  # p_i', p_j'
     swapped: tuple[torch.Tensor, torch.Tensor]  # I_ij, I_ji
     recoded: tuple[torch.Tensor, torch.Tensor]  # the one-hop reconstructions of I_i, I_j
     reconstructed: tuple[torch.Tensor, torch.Tensor]  # I_i', I_j'
     flows: tuple[torch.Tensor, torch.Tensor]  # T^{i->j}, T^{j->i}: (B, 2, h, w)
     moved_landmarks: torch.Tensor | None  # landmarks of the moved images, when given
+
+    @property
+    def landmarks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """p_i, p_j: (B, K, 2) each."""
+        p_i, p_j = self.pose.points.chunk(2)
+        return p_i, p_j
 
 
 class CycleConsistencyModel(PartAutoencoder):
@@ -92,7 +97,6 @@ class CycleConsistencyModel(PartAutoencoder):
         f_i, f_j = pair.features.split(n)
         return CycleOutputs(
             pose=pair,
-            landmarks=(p_i, p_j),
             landmarks_again=(p_i_again, p_j_again),
             swapped=tuple(swapped.split(n)),
             recoded=tuple(recoded.split(n)),

@@ -27,7 +27,6 @@ from typing import NamedTuple
 import torch
 
 from ulm_dist.config import LossConfig
-from ulm_dist.losses import landmark_distance
 from ulm_dist.models.similarity import RandomWarp, random_warps, transform_equivariance_loss
 
 
@@ -82,9 +81,8 @@ def landmark_priors(
     if config.lambda_transform:
         if warped is None:
             warp = random_warps(len(images), config.transform_deformation, device=images.device)
-            terms["transform"] = transform_equivariance_loss(detect, images, points, warp)
-        else:
-            terms["transform"] = landmark_distance(warped.points, warped.warp.points(points))
+            warped = WarpedDetections(warp, detect(warp.images(images)))
+        terms["transform"] = transform_equivariance_loss(warped.points, warped.warp, points)
     if config.lambda_separation:
         terms["sep"] = separation_loss(points, config.separation_std)
     if config.lambda_concentration:

@@ -17,7 +17,6 @@ landmark that follows what is drawn where it sits can be equivariant.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -152,11 +151,8 @@ def random_warps(
 
 
 def transform_equivariance_loss(
-    detect: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
-    points: torch.Tensor,
-    warp: RandomWarp,
+    warped_points: torch.Tensor, warp: RandomWarp, points: torch.Tensor
 ) -> torch.Tensor:
-    """|detect(W(x)) - W(detect(x))|^2, averaged over batch and parts; `points` is
-    detect(images), computed by the caller (the learner has it from the reconstruction)."""
-    return landmark_distance(detect(warp.images(images)), warp.points(points))
+    """|E_p(W(x)) - W(E_p(x))|^2, averaged over batch and parts: `points` is E_p(x) and
+    `warped_points` E_p(W(x)), the detector's landmarks of the warped images."""
+    return landmark_distance(warped_points, warp.points(points))
