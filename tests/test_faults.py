@@ -1,23 +1,31 @@
 """Faults injected for real into short training runs (real Ray, real DeepSpeed): a checkpoint
-missing its marker or one rank's file, and Ctrl-C on the driver. Each test works on a copy
-of one finished 4-step run, so the module trains that run once."""
+missing its marker or one rank's file, Ctrl-C on the driver, and the S3 endpoint killed in
+the middle of a run. The first three work on a copy of one finished 4-step run, so the
+module trains that run once. (A worker killed with SIGKILL: tests/test_train.py.)"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import ray
 
-from ulm_dist.metrics_log import MetricsLog
-from ulm_dist.store import MARKER_NAME, CheckpointStore
-from ulm_dist.train import INTERRUPTED_EXIT_CODE, main
+from ulm_dist.config import load_config
+from ulm_dist.data.s3_server import free_port
+from ulm_dist.metrics_log import METRICS_NAME, MetricsLog
+from ulm_dist.store import MARKER_NAME, CheckpointStore, StoredCheckpoint
+from ulm_dist.train import INTERRUPTED_EXIT_CODE, RunReporter, main
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -138,3 +146,174 @@ def wait_for(condition, driver: subprocess.Popen, timeout_s: float = 300) -> Non
         if time.monotonic() > deadline:
             pytest.fail(f"nothing happened within {timeout_s} s")
         time.sleep(0.5)
+
+
+# The S3 endpoint of the outage test: a TCP relay to the test S3 server, in a process of its
+# own. Killing it with SIGKILL is, for the run's clients, an S3 server killed (connections
+# refused, open ones reset), while the server behind it keeps the bucket for the test to
+# inspect and for the run to continue from once the relay is started again.
+RELAY = """
+import socket, sys, threading
+
+def pipe(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    client, _ = listener.accept()
+    server = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+    for source, sink in ((client, server), (server, client)):
+        threading.Thread(target=pipe, args=(source, sink), daemon=True).start()
+"""
+
+
+class S3Relay:
+    """An endpoint URL for the test S3 server that the test can kill and start again."""
+
+    def __init__(self, server_endpoint: str):
+        self.server_port = urlsplit(server_endpoint).port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60) -> None:
+        command = [sys.executable, "-c", RELAY, str(self.port), str(self.server_port)]
+        self.process = subprocess.Popen(command)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"the S3 relay did not listen on {self.url}") from None
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """`kill -9` of the endpoint's process."""
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def s3_relay(s3_server: str) -> Iterator[S3Relay]:
+    relay = S3Relay(s3_server)
+    relay.start()
+    try:
+        yield relay
+    finally:
+        relay.kill()
+
+
+def test_an_s3_endpoint_killed_mid_run_fails_it_naming_the_store_and_keeps_the_checkpoints(
+    run_args, s3_relay, s3_server, s3_bucket, log_dir, capsys
+):
+    name = "s3_outage"
+    command = [
+        *run_args,
+        f"train.storage={s3_bucket}/runs",
+        f"data.s3_endpoint_url={s3_relay.url}",
+        "data.s3_max_attempts=2",
+        "train.max_failures=1",
+        f"train.run_name={name}",
+    ]
+    # The run's store as seen on the server itself, which the outage does not touch.
+    store = CheckpointStore(f"{s3_bucket}/runs", name, s3_server)
+    before: dict[str, object] = {}
+
+    def kill_the_endpoint_after_the_first_checkpoint() -> None:
+        metrics = log_dir / name / METRICS_NAME
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().strip()):
+            if time.monotonic() > deadline or before.get("run ended"):
+                return
+            time.sleep(0.1)
+        before["latest"] = store.latest()
+        before["marker"] = read_marker(store, before["latest"])
+        s3_relay.kill()
+        before["killed at"] = time.monotonic()
+
+    killer = threading.Thread(target=kill_the_endpoint_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        code = main([*command, "train.steps=100"])
+        ended = time.monotonic()
+    finally:
+        before["run ended"] = True
+        killer.join()
+    assert "killed at" in before, "the run ended before its first checkpoint was complete"
+    errors = capsys.readouterr().err
+
+    # The run failed, within bounds, saying which store failed doing what and what to do.
+    # Refused connections fail each request at once: what takes time is at most one restart
+    # of the workers (train.max_failures=1), whose listing of the checkpoints fails too.
+    assert code == 1, errors
+    assert ended - before["killed at"] < 120
+    run_uri = store.uri(store.run_path)
+    assert "ulm_dist.train: training failed: " in errors
+    operations = (
+        r"saving checkpoint_\d+|marking checkpoint_\d+ complete|listing the checkpoints|"
+        r"Ray Train's controller writing its list of checkpoints"
+    )
+    assert re.search(rf"({operations}) in {run_uri} failed: ", errors), errors
+    assert f"the S3 store (endpoint {s3_relay.url}) failed 2 attempts" in errors
+    assert "run the same command again" in errors and "AssertionError" not in errors
+
+    # The checkpoint complete before the outage is still complete and unchanged; the newest
+    # complete one (it, or one marked in the moment before the kill) is the latest.
+    seen = before["latest"]
+    assert store.open_checkpoint(store.uri(seen.path)) == seen
+    assert read_marker(store, seen) == before["marker"]
+    latest = store.latest()
+    assert latest.step in (seen.step, seen.step + 2)
+    assert all(folder.step > latest.step for folder in store.scan().incomplete)
+    steps = logged_steps(log_dir, name)
+    assert steps == list(range(2, 2 * len(steps) + 1, 2)), steps  # each step once
+    marker_at_outage = read_marker(store, latest)
+
+    # The endpoint back, the same command continues from that checkpoint.
+    s3_relay.start()
+    assert main([*command, f"train.steps={latest.step + 2}"]) == 0
+    output = capsys.readouterr().out
+    assert f"resuming from {store.uri(latest.path)} (step {latest.step})" in output
+    assert logged_steps(log_dir, name) == list(range(2, latest.step + 3, 2))
+    run = store.scan()
+    assert [checkpoint.step for checkpoint in run.complete] == [latest.step, latest.step + 2]
+    assert run.incomplete == []
+    assert read_marker(store, latest) == marker_at_outage
+
+
+def read_marker(store: CheckpointStore, checkpoint: StoredCheckpoint) -> bytes:
+    with store.filesystem.open_input_stream(f"{checkpoint.path}/{MARKER_NAME}") as stream:
+        return stream.read()
+
+
+def test_a_store_that_cannot_be_listed_does_not_keep_the_reporter_from_restarting(tmp_path):
+    # Port 1 (tcpmux) has no listener: the listing is refused at once.
+    store = CheckpointStore("s3://bucket/runs", "run", "http://127.0.0.1:1", max_attempts=1)
+    lines = LineList()
+    cfg = load_config(None, ["train.max_failures=1"])
+    reporter = RunReporter(store, MetricsLog(tmp_path), cfg, lines)
+
+    # Raised from here, the error would end the run in Ray Train's controller, with no
+    # restart: the workers, which list the checkpoints again, find out whether S3 is back.
+    reporter.after_exception(None, {1: RuntimeError("saving checkpoint_00000004 failed")})
+
+    assert lines[0] == "worker 1 failed: saving checkpoint_00000004 failed"
+    assert lines[1].startswith(
+        "restarting the workers from the newest complete checkpoint (which could not be "
+        "listed: listing the checkpoints in s3://bucket/runs/run failed: "
+    )
+    assert lines[1].endswith("(failure 1 of at most train.max_failures=1)")
+
+
+class LineList(list):
+    """Stands in for the reporter's queue of lines to print."""
+
+    def put(self, line: str) -> None:
+        self.append(line)

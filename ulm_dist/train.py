@@ -166,6 +166,8 @@ def train(
             result = fit_interruptibly(trainer)
     except KeyboardInterrupt:
         raise Interrupted(stop_workers(store)) from None
+    except ray.train.ControllerError as error:
+        raise named_controller_error(error, store) from None
 
     latest = store.latest()
     final = store.uri(latest.path) if latest else "none"
@@ -224,6 +226,23 @@ def stop_workers(store: CheckpointStore) -> str:
     )
 
 
+def named_controller_error(
+    error: ray.train.ControllerError, store: CheckpointStore
+) -> ray.train.ControllerError:
+    """`error` again, naming the store and the operation when the store failed Ray Train's
+    controller writing its own list of reported checkpoints into the run folder (before the
+    reporter sees a checkpoint): in an outage that write can be the first to fail, and the
+    client's words alone name neither the store nor what to do."""
+    failure = error.controller_failure
+    if not (isinstance(failure, OSError) and CHECKPOINT_MANAGER_SNAPSHOT_FILENAME in str(failure)):
+        return error
+    try:
+        with store.named_errors("Ray Train's controller writing its list of checkpoints"):
+            raise failure
+    except StorageError as named:
+        return ray.train.ControllerError(named)
+
+
 class RunReporter(UserCallback):
     """Called by Ray Train in its controller, on the driver's node, once every worker has
     reported. By then every worker's upload of a reported checkpoint is done, so this is
@@ -247,8 +266,8 @@ class RunReporter(UserCallback):
     ) -> None:
         record = metrics[0]  # every worker reports the same run-wide values
         line = progress_line(record, self.total_steps)
+        scores = {name: value for name, value in record.items() if name.startswith(VAL_PREFIX)}
         if checkpoint is not None:
-            scores = {name: value for name, value in record.items() if name.startswith(VAL_PREFIX)}
             self.store.mark_complete(
                 checkpoint.path, record["step"], world_size=len(metrics), metrics=scores
             )
@@ -259,17 +278,21 @@ class RunReporter(UserCallback):
                 f"resumed from the latest checkpoint: the reports from step {record['step']} "
                 "on replace those of the failed attempt"
             )
-        if checkpoint is not None:
+        if checkpoint is not None and scores:  # only an evaluated step has pictures
             self.log_pictures(checkpoint, record["step"])
         self.lines.put(line)
 
     def log_pictures(self, checkpoint: ray.train.Checkpoint, step: int) -> None:
         """The val pictures a worker put into the checkpoint, into TensorBoard."""
-        for tag, name in SHEET_FILES.items():
-            path = f"{checkpoint.path}/{name}"
-            if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.File:
-                with checkpoint.filesystem.open_input_stream(path) as stream:
-                    self.metrics_log.add_image(tag, stream.read(), step)
+        pictures = {}
+        with self.store.named_errors(f"reading the val pictures of {Path(checkpoint.path).name}"):
+            for tag, name in SHEET_FILES.items():
+                path = f"{checkpoint.path}/{name}"
+                if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.File:
+                    with checkpoint.filesystem.open_input_stream(path) as stream:
+                        pictures[tag] = stream.read()
+        for tag, png in pictures.items():
+            self.metrics_log.add_image(tag, png, step)
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in sorted(worker_exceptions.items()):
@@ -279,10 +302,15 @@ class RunReporter(UserCallback):
         if self.failures > self.max_failures:
             self.lines.put(f"no restarts left (train.max_failures={self.max_failures})")
         else:
-            latest = self.store.latest()
+            try:
+                latest = self.store.latest()
+                start = Path(latest.path).name if latest else "scratch (no complete checkpoint)"
+            except StorageError as error:
+                # Raised here, it would end the run in the controller: the workers, not
+                # this message, decide whether the store is back.
+                start = f"the newest complete checkpoint (which could not be listed: {error})"
             self.lines.put(
-                f"restarting the workers from "
-                f"{Path(latest.path).name if latest else 'scratch (no complete checkpoint)'} "
+                f"restarting the workers from {start} "
                 f"(failure {self.failures} of at most train.max_failures={self.max_failures})"
             )
 
