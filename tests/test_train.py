@@ -3,17 +3,25 @@ DeepSpeed, a real S3 server on 127.0.0.1. A tiny model and few steps keep each r
 a minute on 2 cores."""
 
 import json
+import os
+import re
+import signal
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 import torch
+from ray.train.v2.api.callback import UserCallback
 
 from ulm_dist.config import load_config
 from ulm_dist.engine import read_learner_weights
 from ulm_dist.metrics_log import METRICS_NAME
 from ulm_dist.models import build_learner
 from ulm_dist.store import CheckpointStore
-from ulm_dist.train import main
+from ulm_dist.train import main, train
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +36,10 @@ def final_weights(store: CheckpointStore, tmp_path) -> dict[str, torch.Tensor]:
     return read_learner_weights(store.download(latest, tmp_path / f"copy_{latest.step}"))
 
 
-def test_zero2_on_s3_survives_a_killed_worker(common_args, log_dir, s3_server, s3_bucket, tmp_path):
+@pytest.mark.faults
+def test_zero2_on_s3_survives_a_killed_worker(
+    common_args, log_dir, s3_server, s3_bucket, tmp_path, capsys
+):
     args = [
         *common_args,
         f"train.storage={s3_bucket}/runs",
@@ -39,16 +50,39 @@ def test_zero2_on_s3_survives_a_killed_worker(common_args, log_dir, s3_server, s
         "train.log_every=2",
         "train.checkpoint_every=4",
         "train.keep_checkpoints=2",
-        "train.fail_at_step=6",  # after the checkpoint at 4: steps 5 and 6 are redone
         "train.max_failures=1",
         "train.time_collectives=true",
     ]
-    assert main(args) == 0
-
     cfg = load_config(None, args)
     store = CheckpointStore(cfg.train.storage, "zero2", s3_server)
-    assert store.exists("fault_injected_at_step_6"), "the worker kill did not happen"
-    assert [checkpoint.step for checkpoint in store.checkpoints()] == [8, 12]
+    events = tmp_path / "reports.txt"
+    # Once checkpoint 4 is complete, a worker process is killed with SIGKILL.
+    killer = WorkerKiller(events, after_step=4)
+    killer.start()
+    try:
+        train(cfg, callbacks=[report_recorder(events)])
+    finally:
+        killer.stop()
+    assert killer.error is None, killer.error
+
+    output = capsys.readouterr().out
+    restarts = re.findall(r"restarting the workers from checkpoint_(\d+) \(failure 1 of", output)
+    assert len(restarts) == 1, output
+    resumed_from = int(restarts[0])
+    # The newest complete checkpoint when the worker died: the one seen just before the kill
+    # (or one completed in the moment between that look and the kill).
+    complete_at_kill = max(step for step in killer.reported_at_kill if step % 4 == 0)
+    assert resumed_from in (4, 8) and resumed_from >= complete_at_kill, output
+    # What Ray Train's controller saw, both attempts: the restarted workers' first report is
+    # the step after that checkpoint, so they resumed from it and from no older one (and
+    # wrote no checkpoint at or before it again).
+    seen = events.read_text().split()
+    assert seen.count("failed") == 1, seen
+    assert seen[seen.index("failed") + 1] == str(resumed_from + 2), seen
+    # Complete checkpoints only, the two newest kept; the upload the kill cut short (if any)
+    # was passed over and deleted once a newer checkpoint was complete.
+    run = store.scan()
+    assert [checkpoint.step for checkpoint in run.complete] == [8, 12] and run.incomplete == []
     assert store.exists("config.yaml")
 
     records = metric_records(log_dir, "zero2")
@@ -74,6 +108,85 @@ def test_zero2_on_s3_survives_a_killed_worker(common_args, log_dir, s3_server, s
     learner.load_state_dict(weights)  # strict: every parameter and buffer is in the checkpoint
     landmarks = learner.landmarks(torch.rand(2, 3, 16, 16))
     assert landmarks.shape == (2, 4, 2) and landmarks.abs().max() <= 1
+
+
+def report_recorder(path: Path) -> UserCallback:
+    """A callback that appends to `path`, in Ray Train's controller, the step of every report
+    the workers make and `failed` at every worker failure: the run's history over all its
+    attempts."""
+
+    # Defined here so that Ray pickles the class by value: the controller process cannot
+    # import a test module.
+    class ReportRecorder(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            with open(path, "a") as events:
+                events.write(f"{metrics[0]['step']}\n")
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            with open(path, "a") as events:
+                events.write("failed\n")
+
+    return ReportRecorder()
+
+
+def recorded_events(path: Path) -> list[str]:
+    """The lines a `report_recorder` has written so far (a line still being written excluded)."""
+    text = path.read_text() if path.exists() else ""
+    return text[: text.rfind("\n") + 1].split()
+
+
+def ray_train_worker_pids() -> list[int]:
+    """This process's Ray Train workers. The local Ray cluster was started by this process,
+    so its worker processes are among its descendants; a Ray Train worker is an actor whose
+    process title is `ray::RayTrainWorker...`, and so are its data-loader processes (forked
+    from it), which are left out. Another Ray cluster on the machine is never looked at."""
+    titled = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title, parent = process.cmdline(), process.ppid()
+        except psutil.Error:  # ended since it was listed
+            continue
+        if title and title[0].startswith("ray::RayTrainWorker"):
+            titled[process.pid] = parent
+    return sorted(pid for pid, parent in titled.items() if parent not in titled)
+
+
+class WorkerKiller(threading.Thread):
+    """Kills one Ray Train worker process with SIGKILL (`kill -9`) as soon as the run's
+    reports (a `report_recorder`'s file) reach `after_step`; `error` says why it could not."""
+
+    def __init__(self, events: Path, after_step: int, timeout_s: float = 300):
+        super().__init__(name="worker-killer", daemon=True)
+        self.events = events
+        self.after_step = after_step
+        self.timeout_s = timeout_s
+        self.reported_at_kill: list[int] = []
+        self.error: str | None = "the run ended first"
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not any(
+            event.isdigit() and int(event) >= self.after_step
+            for event in recorded_events(self.events)
+        ):
+            if time.monotonic() > deadline:
+                self.error = f"no report of step {self.after_step} within {self.timeout_s} s"
+                return
+            if self.done.wait(0.1):
+                return
+        pids = ray_train_worker_pids()
+        self.reported_at_kill = [int(e) for e in recorded_events(self.events) if e.isdigit()]
+        if len(pids) != 2:
+            self.error = f"expected the 2 Ray Train worker processes, found pids {pids}"
+            return
+        os.kill(pids[-1], signal.SIGKILL)
+        self.error = None
+
+    def stop(self) -> None:
+        """Stop waiting (the run has ended) and return once the thread has."""
+        self.done.set()
+        self.join()
 
 
 def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp_path):
