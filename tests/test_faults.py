@@ -24,8 +24,8 @@ import ray
 from ulm_dist.config import load_config
 from ulm_dist.data.s3_server import free_port
 from ulm_dist.metrics_log import METRICS_NAME, MetricsLog
-from ulm_dist.store import MARKER_NAME, CheckpointStore, StoredCheckpoint
-from ulm_dist.train import INTERRUPTED_EXIT_CODE, RunReporter, main
+from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError, StoredCheckpoint
+from ulm_dist.train import INTERRUPTED_EXIT_CODE, RunReporter, main, named_worker_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -219,7 +219,7 @@ def test_an_s3_endpoint_killed_mid_run_fails_it_naming_the_store_and_keeps_the_c
         f"train.storage={s3_bucket}/runs",
         f"data.s3_endpoint_url={s3_relay.url}",
         "data.s3_max_attempts=2",
-        "train.max_failures=1",
+        "train.max_failures=0",  # a restart would fail the same way, and take longer
         f"train.run_name={name}",
     ]
     # The run's store as seen on the server itself, which the outage does not touch.
@@ -250,8 +250,8 @@ def test_an_s3_endpoint_killed_mid_run_fails_it_naming_the_store_and_keeps_the_c
     errors = capsys.readouterr().err
 
     # The run failed, within bounds, saying which store failed doing what and what to do.
-    # Refused connections fail each request at once: what takes time is at most one restart
-    # of the workers (train.max_failures=1), whose listing of the checkpoints fails too.
+    # Refused connections fail each request at once: a few seconds are Ray Train stopping the
+    # workers; the bound is generous for a loaded machine.
     assert code == 1, errors
     assert ended - before["killed at"] < 120
     run_uri = store.uri(store.run_path)
@@ -272,8 +272,9 @@ def test_an_s3_endpoint_killed_mid_run_fails_it_naming_the_store_and_keeps_the_c
     latest = store.latest()
     assert latest.step in (seen.step, seen.step + 2)
     assert all(folder.step > latest.step for folder in store.scan().incomplete)
-    steps = logged_steps(log_dir, name)
-    assert steps == list(range(2, 2 * len(steps) + 1, 2)), steps  # each step once
+    # Every report is a checkpoint's, logged once that checkpoint is complete: each step up
+    # to the latest complete checkpoint once, none after it.
+    assert logged_steps(log_dir, name) == list(range(2, latest.step + 1, 2))
     marker_at_outage = read_marker(store, latest)
 
     # The endpoint back, the same command continues from that checkpoint.
@@ -317,3 +318,11 @@ class LineList(list):
 
     def put(self, line: str) -> None:
         self.append(line)
+
+
+def test_a_workers_storage_error_is_shown_whole():
+    message = "saving checkpoint_00000004 in s3://bucket/runs/run failed: " + "x" * 2000
+    failures = {0: StorageError(message), 1: StorageError(message)}
+    error = named_worker_error(ray.train.WorkerGroupError("a snippet", failures))
+    assert str(error) == f"Training failed due to worker errors:\nworker 0, 1: {message}"
+    assert error.worker_failures == failures

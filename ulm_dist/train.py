@@ -168,6 +168,8 @@ def train(
         raise Interrupted(stop_workers(store)) from None
     except ray.train.ControllerError as error:
         raise named_controller_error(error, store) from None
+    except ray.train.WorkerGroupError as error:
+        raise named_worker_error(error) from None
 
     latest = store.latest()
     final = store.uri(latest.path) if latest else "none"
@@ -243,6 +245,24 @@ def named_controller_error(
         return ray.train.ControllerError(named)
 
 
+def named_worker_error(error: ray.train.WorkerGroupError) -> ray.train.WorkerGroupError:
+    """`error` again, led by the workers' StorageErrors in full when there are any. Ray Train
+    shows each worker's traceback cut to its first and last 500 characters, which can drop
+    the store and the operation from the middle of the message."""
+    ranks_by_message: dict[str, list[str]] = {}
+    for rank, failure in sorted(error.worker_failures.items()):
+        # Ray Train wraps what the worker raised, with its traceback, in an exception of its own.
+        raised = getattr(failure, "_base_exc", failure)
+        if isinstance(raised, StorageError):
+            ranks_by_message.setdefault(str(raised), []).append(str(rank))
+    if not ranks_by_message:
+        return error
+    summary = "\n".join(
+        f"worker {', '.join(ranks)}: {message}" for message, ranks in ranks_by_message.items()
+    )
+    return ray.train.WorkerGroupError(summary, error.worker_failures)
+
+
 class RunReporter(UserCallback):
     """Called by Ray Train in its controller, on the driver's node, once every worker has
     reported. By then every worker's upload of a reported checkpoint is done, so this is
@@ -272,12 +292,15 @@ class RunReporter(UserCallback):
                 checkpoint.path, record["step"], world_size=len(metrics), metrics=scores
             )
             line += f" | saved {Path(checkpoint.path).name}"
-            self.store.prune(self.keep_checkpoints)
+        # Logged once the checkpoint is complete and before pruning: a store failing the
+        # prune must not leave a complete checkpoint whose step is missing from the log.
         if self.metrics_log.append(record):
             self.lines.put(
                 f"resumed from the latest checkpoint: the reports from step {record['step']} "
                 "on replace those of the failed attempt"
             )
+        if checkpoint is not None:
+            self.store.prune(self.keep_checkpoints)
         if checkpoint is not None and scores:  # only an evaluated step has pictures
             self.log_pictures(checkpoint, record["step"])
         self.lines.put(line)
