@@ -30,13 +30,13 @@ from ulm_dist.data import synthetic
 from ulm_dist.data.augment import AugmentOptions, View, warped_view
 from ulm_dist.data.image_folder import folder_items, load_items, read_landmark_table, split_items
 from ulm_dist.data.layouts import MAFL5, LandmarkLayout, ibug68_to_mafl5
-from ulm_dist.evaluate import (
+from ulm_dist.evaluate.pictures import evaluation_sheets
+from ulm_dist.evaluate.regression import (
     RegressionReport,
     landmark_regression,
 )
 from ulm_dist.models import build_learner
 from ulm_dist.models.landmarks import to_pixels
-from ulm_dist.report import evaluation_sheets
 
 FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces68-dev"
 

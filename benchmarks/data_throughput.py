@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +31,12 @@ import numpy as np
 from ulm_dist.config import DataConfig
 from ulm_dist.data import make_pair_loader, resolve_shards, synthetic
 from ulm_dist.data.build import WriteOptions, build_synthetic
-from ulm_dist.data.s3 import S3Options, s3_client
-from ulm_dist.data.s3_server import local_s3_server
+from ulm_dist.storage import S3Options, s3_client
+
+# The local S3 server (and its free-port helper) is test tooling in tests/; benchmarks run
+# from a checkout, which has that folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from s3_server import local_s3_server
 
 PAIRS = ("unpaired", "warped")
 

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,9 +34,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ulm_dist.config import load_config
-from ulm_dist.data.s3_server import free_port
-from ulm_dist.engine import collective_bytes, deepspeed_config, reset_collective_log
 from ulm_dist.models import build_learner
+from ulm_dist.train.engine import collective_bytes, deepspeed_config, reset_collective_log
+
+# The local S3 server (and its free-port helper) is test tooling in tests/; benchmarks run
+# from a checkout, which has that folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from s3_server import free_port
 
 # Dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s.
 PEAKS = {

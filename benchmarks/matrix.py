@@ -65,7 +65,7 @@ import torch
 from benchmarks.data_throughput import loader_rate
 from benchmarks.train_overhead import plain_loop_rates, stack_records
 from ulm_dist.config import load_config
-from ulm_dist.loop import PHASES
+from ulm_dist.train.worker import PHASES
 
 QUICK = {
     "presets": ["tiny"],

@@ -28,10 +28,10 @@ import torch
 
 from ulm_dist.config import Config, load_config
 from ulm_dist.data import make_pair_loader, resolve_shards
-from ulm_dist.loop import seed_everything
-from ulm_dist.metrics_log import MetricsLog
 from ulm_dist.models import build_learner
-from ulm_dist.train import train
+from ulm_dist.train.driver import train
+from ulm_dist.train.metrics_log import MetricsLog
+from ulm_dist.train.worker import seed_everything
 
 
 def plain_loop_rates(

@@ -10,8 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 import ray
-
-from ulm_dist.data.s3_server import free_port, local_s3_server
+from s3_server import free_port, local_s3_server
 
 # Dummy credentials and region: enough for boto3 and pyarrow's S3FileSystem to sign requests
 # that moto accepts. Variables that could point a client elsewhere are cleared.

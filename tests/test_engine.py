@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.engine import check_precision, deepspeed_config, resolve_precision
+from ulm_dist.train.engine import check_precision, deepspeed_config, resolve_precision
 
 
 def train_config(*overrides: str):

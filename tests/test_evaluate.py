@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ulm_dist.evaluate import (
+from ulm_dist.evaluate.regression import (
     apply_linear_map,
     bounding_box_diagonal,
     fit_linear_map,

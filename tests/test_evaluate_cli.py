@@ -23,12 +23,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ulm_dist.config import load_config
 from ulm_dist.data import make_annotated_loader, resolve_shards
 from ulm_dist.data.build import WriteOptions, build_from_folder, build_synthetic
-from ulm_dist.evaluation_cli import main
-from ulm_dist.metrics_log import METRICS_NAME, TENSORBOARD_NAME
+from ulm_dist.evaluate.command import main
+from ulm_dist.evaluate.periodic import SHEET_FILES
 from ulm_dist.models.landmarks import to_pixels
-from ulm_dist.store import CheckpointStore
-from ulm_dist.train import train
-from ulm_dist.validation import SHEET_FILES
+from ulm_dist.train.checkpoint import CheckpointStore
+from ulm_dist.train.driver import train
+from ulm_dist.train.metrics_log import METRICS_NAME, TENSORBOARD_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -10,16 +10,16 @@ import ray
 import torch
 import yaml
 
-from ulm_dist import artifact
-from ulm_dist.artifact import Regressor, load_detector
 from ulm_dist.config import config_from_dict, load_config
-from ulm_dist.evaluate import apply_linear_map
-from ulm_dist.export import choose_checkpoint, main
+from ulm_dist.deploy import artifact
+from ulm_dist.deploy.artifact import Regressor, load_detector
+from ulm_dist.deploy.export import choose_checkpoint, main
+from ulm_dist.deploy.trained import load_trained
+from ulm_dist.evaluate.regression import apply_linear_map
 from ulm_dist.models import CycleConsistencyModel
 from ulm_dist.models.landmarks import to_pixels
-from ulm_dist.store import CheckpointStore, StoredCheckpoint
-from ulm_dist.train import train
-from ulm_dist.trained import load_trained
+from ulm_dist.train.checkpoint import CheckpointStore, StoredCheckpoint
+from ulm_dist.train.driver import train
 
 pytestmark = pytest.mark.slow
 

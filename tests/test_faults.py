@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import ray
+from s3_server import free_port
 
 from ulm_dist.config import load_config
-from ulm_dist.data.s3_server import free_port
-from ulm_dist.metrics_log import METRICS_NAME, MetricsLog
-from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError, StoredCheckpoint
-from ulm_dist.train import INTERRUPTED_EXIT_CODE, RunReporter, main, named_worker_error
+from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, StorageError, StoredCheckpoint
+from ulm_dist.train.driver import INTERRUPTED_EXIT_CODE, RunReporter, main, named_worker_error
+from ulm_dist.train.metrics_log import METRICS_NAME, MetricsLog
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from s3_server import free_port
 
-from ulm_dist.data.s3_server import free_port
-from ulm_dist.loop import IntervalMeter
+from ulm_dist.train.worker import IntervalMeter
 
 
 @pytest.fixture

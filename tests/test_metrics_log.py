@@ -2,7 +2,7 @@ import json
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ulm_dist.metrics_log import MetricsLog, format_duration, progress_line
+from ulm_dist.train.metrics_log import MetricsLog, format_duration, progress_line
 
 
 def record(step: int, loss: float) -> dict:

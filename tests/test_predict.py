@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ulm_dist.artifact import Regressor, load_detector
 from ulm_dist.config import load_config
-from ulm_dist.export import export
+from ulm_dist.deploy.artifact import Regressor, load_detector
+from ulm_dist.deploy.export import export
+from ulm_dist.deploy.predict import main
+from ulm_dist.deploy.trained import TrainedModel
 from ulm_dist.models import build_learner
-from ulm_dist.predict import main
-from ulm_dist.trained import TrainedModel
 
 SIZE, K, L = 16, 4, 3
 

@@ -3,10 +3,10 @@ the run itself keeps the URL as given."""
 
 import pytest
 
-import ulm_dist.train
+import ulm_dist.train.driver
 from ulm_dist.config import load_config
-from ulm_dist.loop import TrainState, write_train_state
 from ulm_dist.redaction import redact_url
+from ulm_dist.train.worker import TrainState, write_train_state
 
 SECRET = "planted-s3cr3t"
 ENDPOINT = f"http://PLANTEDKEY:{SECRET}@127.0.0.1:1"
@@ -39,7 +39,7 @@ def stop_before_ray(verbose: bool) -> None:
 def test_a_secret_in_an_endpoint_url_is_in_no_written_config_or_state(
     tmp_path, monkeypatch, capsys, tiny_model_overrides
 ):
-    monkeypatch.setattr(ulm_dist.train, "start_ray", stop_before_ray)
+    monkeypatch.setattr(ulm_dist.train.driver, "start_ray", stop_before_ray)
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     cfg = load_config(
         None,
@@ -53,7 +53,7 @@ def test_a_secret_in_an_endpoint_url_is_in_no_written_config_or_state(
         ],
     )
     with pytest.raises(StopBeforeRay):
-        ulm_dist.train.train(cfg)
+        ulm_dist.train.driver.train(cfg)
     checkpoint = runs / "demo" / "checkpoint_00000001"
     checkpoint.mkdir()
     write_train_state(checkpoint, TrainState(step=1), cfg, world_size=2)
@@ -80,7 +80,7 @@ def test_a_secret_in_an_endpoint_url_is_not_printed(capsys, tmp_path, s3_server,
         "data.train=s3://bucket/faces",
         f"data.s3_endpoint_url={endpoint}",
     ]
-    assert ulm_dist.train.main(argv) == 2
+    assert ulm_dist.train.driver.main(argv) == 2
     printed = capsys.readouterr()
     assert f"(endpoint http://***@127.0.0.1:{unused_tcp_port}): cannot reach" in printed.err
     assert SECRET not in printed.out + printed.err

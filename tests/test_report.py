@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from ulm_dist.config import load_config
+from ulm_dist.evaluate.pictures import cycle_sheet, draw_points, landmark_colours, regression_sheet
 from ulm_dist.models import CycleConsistencyModel
-from ulm_dist.report import cycle_sheet, draw_points, landmark_colours, regression_sheet
 
 
 def test_colours_are_distinct():

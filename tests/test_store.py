@@ -10,9 +10,9 @@ import pyarrow.fs as pafs
 import pytest
 import ray.train
 from ray.train.v2._internal.execution.storage import StorageContext
+from s3_server import local_s3_server_process
 
-from ulm_dist.data.s3_server import local_s3_server_process
-from ulm_dist.store import MARKER_NAME, CheckpointStore, StorageError, local_copy
+from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, StorageError, local_copy
 
 # Port 1 (tcpmux) has no listener on any machine these tests run on: connections are refused.
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:1"

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from ulm_dist.config import ConfigError
-from ulm_dist.sweep_config import load_sweep_config, sweep_config_from_dict
-from ulm_dist.sweep_plot import plot_metric_against_parameters
-from ulm_dist.tune import main
+from ulm_dist.tune.config import load_sweep_config, sweep_config_from_dict
+from ulm_dist.tune.plot import plot_metric_against_parameters
+from ulm_dist.tune.sweep import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import torch
 from test_store import UNREACHABLE_ENDPOINT, write_checkpoint
 
 from ulm_dist.config import load_config
-from ulm_dist.store import CheckpointStore
-from ulm_dist.train import main
+from ulm_dist.train.checkpoint import CheckpointStore
+from ulm_dist.train.driver import main
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ulm_dist.config import load_config
-from ulm_dist.engine import ENGINE_TAG
+from ulm_dist.deploy.trained import FIELDS_ADDED_LATER, TRAIN_STATE_NAME, load_trained
 from ulm_dist.models import build_learner, perceptual
-from ulm_dist.store import CheckpointStore
-from ulm_dist.trained import FIELDS_ADDED_LATER, TRAIN_STATE_NAME, load_trained
+from ulm_dist.train.checkpoint import CheckpointStore
+from ulm_dist.train.engine import ENGINE_TAG
 
 SMALL = [
     "model.channels=[8,16]",

@@ -19,9 +19,9 @@ import ray
 import yaml
 from ray.tune import ExperimentAnalysis
 
-from ulm_dist.artifact import load_detector
-from ulm_dist.store import open_filesystem
-from ulm_dist.tune import main
+from ulm_dist.deploy.artifact import load_detector
+from ulm_dist.train.checkpoint import open_filesystem
+from ulm_dist.tune.sweep import main
 
 pytestmark = pytest.mark.slow
 

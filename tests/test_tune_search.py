@@ -1,8 +1,8 @@
 """The sweep's search space and searchers, without running trials: each algorithm suggests
 trial values within the configured ranges."""
 
-from ulm_dist.sweep_config import sweep_config_from_dict
-from ulm_dist.tune import search_space, searcher
+from ulm_dist.tune.config import sweep_config_from_dict
+from ulm_dist.tune.sweep import search_space, searcher
 
 SPACE = {
     "train.lr": {"loguniform": [1e-4, 1e-2]},

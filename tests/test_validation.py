@@ -9,9 +9,9 @@ from PIL import Image
 
 from ulm_dist.config import load_config
 from ulm_dist.data import resolve_shards
+from ulm_dist.evaluate.periodic import SHEET_FILES, load_validation_set, validate
 from ulm_dist.models import build_learner
-from ulm_dist.train import main as train_main
-from ulm_dist.validation import SHEET_FILES, load_validation_set, validate
+from ulm_dist.train.driver import main as train_main
 
 
 def test_validation_reports_the_protocol_on_the_val_split(tmp_path, tiny_model_overrides):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from local_ray import DASHBOARD, VENV_BIN, LoopbackCluster, loopback_cluster
 
-from ulm_dist.metrics_log import METRICS_NAME
-from ulm_dist.store import CheckpointStore
+from ulm_dist.train.checkpoint import CheckpointStore
+from ulm_dist.train.metrics_log import METRICS_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_demo_job_spreads_over_two_nodes_with_shards_and_checkpoints_in_s3(
         workers = cluster.state("actors", "class_name=RayTrainWorker")
         latest_step = run_python(
             cluster,
-            "from ulm_dist.store import CheckpointStore\n"
+            "from ulm_dist.train.checkpoint import CheckpointStore\n"
             f"print(CheckpointStore({bucket + '/runs'!r}, 'demo-s3', {endpoint!r}).latest().step)",
         )
 

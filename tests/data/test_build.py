@@ -19,8 +19,8 @@ from ulm_dist.data import (
 from ulm_dist.data.__main__ import main
 from ulm_dist.data.build import WriteOptions, build_from_folder, build_synthetic
 from ulm_dist.data.image_folder import read_landmark_table
-from ulm_dist.data.s3 import S3Options
 from ulm_dist.data.shards import Encoding
+from ulm_dist.storage import S3Options
 
 LOCAL = S3Options()
 LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)

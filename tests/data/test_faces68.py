@@ -14,7 +14,7 @@ from ulm_dist.data import read_manifest
 from ulm_dist.data.__main__ import main
 from ulm_dist.data.build import build_from_folder
 from ulm_dist.data.layouts import LANDMARK_REDUCTIONS, MAFL5, ibug68_to_mafl5
-from ulm_dist.data.s3 import S3Options
+from ulm_dist.storage import S3Options
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces68-dev"
 IDENTITIES = 40

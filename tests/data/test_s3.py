@@ -4,12 +4,13 @@ import boto3
 import numpy as np
 import pytest
 
+from ulm_dist import storage
 from ulm_dist.config import DataConfig
-from ulm_dist.data import make_annotated_loader, make_pair_loader, read_manifest, resolve_shards, s3
+from ulm_dist.data import make_annotated_loader, make_pair_loader, read_manifest, resolve_shards
 from ulm_dist.data.__main__ import main
 from ulm_dist.data.build import WriteOptions, build_from_folder, build_synthetic
 from ulm_dist.data.reader import SkipCounter, read_shard
-from ulm_dist.data.s3 import S3AccessError, S3Options
+from ulm_dist.storage import S3AccessError, S3Options
 
 pytestmark = pytest.mark.slow  # a real S3 server
 
@@ -56,8 +57,8 @@ def test_synthetic_set_round_trips_through_s3(s3_server, s3_bucket, tmp_path):
     local = resolve_shards(data, str(tmp_path), "train", image_size=16)
     assert remote.urls[0].startswith(f"{dest}/train/")
     assert remote.total_samples == local.total_samples == 20
-    remote_rows = read_manifest(f"{dest}/train", s3.S3Options(s3_server)).shards
-    local_rows = read_manifest(str(tmp_path / "train"), s3.S3Options()).shards
+    remote_rows = read_manifest(f"{dest}/train", storage.S3Options(s3_server)).shards
+    local_rows = read_manifest(str(tmp_path / "train"), storage.S3Options()).shards
     assert [r.sha256 for r in remote_rows] == [r.sha256 for r in local_rows]
     keys, images, landmarks, skipped = _everything(data, remote, 16)
     local_keys, local_images, local_landmarks, _ = _everything(data, local, 16)
@@ -106,7 +107,7 @@ def test_missing_object_is_skipped_and_counted(s3_server, s3_bucket):
     _twelve_val_samples_in_three_shards(s3_server, s3_bucket)
     data = DataConfig(s3_endpoint_url=s3_server, num_workers=0)
     shards = resolve_shards(data, f"{s3_bucket}/set", "val", image_size=16)
-    bucket, key = s3.split_s3_url(shards.urls[1])
+    bucket, key = storage.split_s3_url(shards.urls[1])
     boto3.client("s3", endpoint_url=s3_server).delete_object(Bucket=bucket, Key=key)
     keys, _, _, skipped = _everything(data, shards, 16)
     assert len(keys) == 7 and skipped == 5
@@ -143,7 +144,7 @@ def test_missing_bucket_is_a_clear_error_naming_the_url(s3_server):
 def test_unreachable_endpoint_fails_after_bounded_retries(s3_server, unused_tcp_port):
     options = S3Options(endpoint_url=f"http://127.0.0.1:{unused_tcp_port}", max_attempts=2)
     with pytest.raises(S3AccessError, match=r"s3://bucket/key .*cannot reach.*after 2 attempts"):
-        s3.read_object("s3://bucket/key", options)
+        storage.read_object("s3://bucket/key", options)
 
 
 def test_missing_credentials_are_a_clear_error(s3_server, monkeypatch, tmp_path):
@@ -153,7 +154,7 @@ def test_missing_credentials_are_a_clear_error(s3_server, monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     options = S3Options(endpoint_url=s3_server, max_attempts=1)  # a client not cached before
     with pytest.raises(S3AccessError, match=r"s3://bucket/key.*no AWS credentials"):
-        s3.read_object("s3://bucket/key", options)
+        storage.read_object("s3://bucket/key", options)
 
 
 def test_large_files_upload_in_parts(s3_server, s3_bucket, tmp_path):
@@ -161,8 +162,8 @@ def test_large_files_upload_in_parts(s3_server, s3_bucket, tmp_path):
     path = tmp_path / "big.tar"
     path.write_bytes(payload)
     url = f"{s3_bucket}/big.tar"
-    s3.upload_file(str(path), url, S3Options(s3_server), part_bytes=5 * 2**20)
-    bucket, key = s3.split_s3_url(url)
+    storage.upload_file(str(path), url, S3Options(s3_server), part_bytes=5 * 2**20)
+    bucket, key = storage.split_s3_url(url)
     head = boto3.client("s3", endpoint_url=s3_server).head_object(Bucket=bucket, Key=key)
     assert head["ETag"].strip('"').endswith("-3")  # S3's ETag of a 3-part multipart upload
-    assert s3.read_object(url, S3Options(s3_server)) == payload
+    assert storage.read_object(url, S3Options(s3_server)) == payload

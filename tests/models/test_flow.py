@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ulm_dist.losses import equivariance_loss
 from ulm_dist.models.flow import (
     CrossImageFlow,
     FactorisedConv4d,
@@ -11,6 +10,7 @@ from ulm_dist.models.flow import (
     transform_points,
 )
 from ulm_dist.models.landmarks import pixel_centres
+from ulm_dist.models.losses import equivariance_loss
 
 
 def identity_field(size: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from small_learners import blobs, gradient_coverage, loss_history
 from small_learners import small_learner as build_small_learner
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.report import generation_sheet
+from ulm_dist.evaluate.pictures import generation_sheet
 
 small_learner = partial(build_small_learner, "imm")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.losses import perceptual_distances
 from ulm_dist.models import perceptual
+from ulm_dist.models.losses import perceptual_distances
 from ulm_dist.models.perceptual import (
     FETCH_COMMAND,
     VGG16_SHA256_PREFIX,

@@ -27,8 +27,8 @@ _EXPORTS = {
     "DatasetSummary": "ulm_dist.data.manifest",
     "EpochLoader": "ulm_dist.data.loaders",
     "Manifest": "ulm_dist.data.manifest",
-    "ObjectNotFound": "ulm_dist.data.s3",
-    "S3AccessError": "ulm_dist.data.s3",
+    "ObjectNotFound": "ulm_dist.storage",
+    "S3AccessError": "ulm_dist.storage",
     "ShardSet": "ulm_dist.data.resolve",
     "ensure_synthetic_dataset": "ulm_dist.data.build",
     "make_annotated_loader": "ulm_dist.data.loaders",
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from ulm_dist.data.loaders import EpochLoader, make_annotated_loader, make_pair_loader
     from ulm_dist.data.manifest import DatasetSummary, Manifest, read_manifest
     from ulm_dist.data.resolve import ShardSet, resolve_shards
-    from ulm_dist.data.s3 import ObjectNotFound, S3AccessError
+    from ulm_dist.storage import ObjectNotFound, S3AccessError
 
 
 def __getattr__(name: str) -> Any:

@@ -27,8 +27,8 @@ from ulm_dist.data.build import (
 )
 from ulm_dist.data.layouts import KNOWN_LAYOUTS, LANDMARK_REDUCTIONS
 from ulm_dist.data.manifest import Manifest, read_manifest
-from ulm_dist.data.s3 import S3Options
 from ulm_dist.data.shards import Encoding
+from ulm_dist.storage import S3Options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,8 @@ from ulm_dist.data.image_folder import (
 )
 from ulm_dist.data.layouts import LandmarkLayout, LandmarkReduction
 from ulm_dist.data.manifest import MANIFEST_NAME, DatasetSummary, Manifest, write_manifest
-from ulm_dist.data.s3 import S3Options
 from ulm_dist.data.shards import Encoding, Sample, ShardJob, samples_per_shard, write_shards
+from ulm_dist.storage import S3Options
 
 # Samples read to estimate the encoded size of one, when shards are sized in bytes.
 _PROBE_SAMPLES = 16

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ulm_dist.data import locations
 from ulm_dist.data.layouts import LandmarkLayout
-from ulm_dist.data.s3 import S3Options
+from ulm_dist.storage import S3Options
 
 MANIFEST_NAME = "manifest.parquet"
 _SUMMARY_KEY = b"ulm_dist.summary"

@@ -21,8 +21,8 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ulm_dist.data import locations
-from ulm_dist.data.s3 import S3AccessError, S3Options
 from ulm_dist.data.shards import LANDMARKS_FIELD
+from ulm_dist.storage import S3AccessError, S3Options
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from ulm_dist.config import DataConfig
 from ulm_dist.data import locations
 from ulm_dist.data.build import ensure_synthetic_dataset
 from ulm_dist.data.manifest import MANIFEST_NAME, DatasetSummary, Manifest, read_manifest
-from ulm_dist.data.s3 import S3Options
+from ulm_dist.storage import S3Options
 
 
 @dataclass(frozen=True)

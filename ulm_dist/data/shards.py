@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ulm_dist.data import locations
 from ulm_dist.data.manifest import ShardInfo
-from ulm_dist.data.s3 import S3Options
+from ulm_dist.storage import S3Options
 
 LANDMARKS_FIELD = "landmarks.npy"
 METADATA_FIELD = "json"

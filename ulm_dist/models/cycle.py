@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from ulm_dist.config import LossConfig, ModelConfig
-from ulm_dist.losses import equivariance_loss, invariance_loss
 from ulm_dist.models.flow import CrossImageFlow, transform_points
 from ulm_dist.models.learner import Learner
+from ulm_dist.models.losses import equivariance_loss, invariance_loss
 from ulm_dist.models.networks import PartAutoencoder, Pose
 from ulm_dist.models.priors import WarpedDetections
 

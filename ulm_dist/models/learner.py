@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ulm_dist.config import LossConfig
-from ulm_dist.losses import perceptual_distances
+from ulm_dist.models.losses import perceptual_distances
 from ulm_dist.models.networks import Pose
 from ulm_dist.models.perceptual import compares_pixels, perceptual_network
 from ulm_dist.models.priors import WarpedDetections, landmark_priors, prior_weights

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ulm_dist.losses import landmark_distance
+from ulm_dist.models.losses import landmark_distance
 
 # The random similarities, in the project's normalised coordinates (the image
 # spans [-1, 1]): small enough that most of the object stays in view, as the data

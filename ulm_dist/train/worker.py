@@ -39,7 +39,12 @@ import torch.distributed as dist
 
 from ulm_dist.config import Config, config_from_dict
 from ulm_dist.data import make_pair_loader
-from ulm_dist.engine import (
+from ulm_dist.deploy.trained import TRAIN_STATE_NAME
+from ulm_dist.evaluate.periodic import SHEET_FILES, load_validation_set, validate
+from ulm_dist.models import build_learner
+from ulm_dist.redaction import redacted_config
+from ulm_dist.train.checkpoint import CheckpointStore, StoredCheckpoint
+from ulm_dist.train.engine import (
     build_engine,
     collective_bytes,
     collective_seconds,
@@ -49,11 +54,6 @@ from ulm_dist.engine import (
     reset_collective_log,
     save_engine_state,
 )
-from ulm_dist.models import build_learner
-from ulm_dist.redaction import redacted_config
-from ulm_dist.store import CheckpointStore, StoredCheckpoint
-from ulm_dist.trained import TRAIN_STATE_NAME
-from ulm_dist.validation import SHEET_FILES, load_validation_set, validate
 
 RNG_FOLDER = "rng"
 RESUME_KEYWORDS = ("auto", "never")

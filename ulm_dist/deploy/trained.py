@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from ulm_dist.config import Config, LossConfig, config_from_dict
-from ulm_dist.engine import read_learner_weights
 from ulm_dist.models import build_learner
-from ulm_dist.store import StorageError, local_copy
+from ulm_dist.train.checkpoint import StorageError, local_copy
+from ulm_dist.train.engine import read_learner_weights
 
 # Written by `loop.save_checkpoint` beside the engine state.
 TRAIN_STATE_NAME = "train_state.json"

@@ -22,9 +22,9 @@ from torch import nn
 
 from ulm_dist.config import DataConfig
 from ulm_dist.data import ShardSet, make_annotated_loader
-from ulm_dist.evaluate import landmark_regression
+from ulm_dist.evaluate.pictures import evaluation_sheets
+from ulm_dist.evaluate.regression import landmark_regression
 from ulm_dist.models.landmarks import to_pixels
-from ulm_dist.report import evaluation_sheets
 
 # TensorBoard tag -> file name in the checkpoint folder (see `train.RunReporter`).
 SHEET_FILES = {

@@ -41,13 +41,13 @@ from ray.util.queue import Queue
 
 from ulm_dist.config import Config, ConfigError, load_config
 from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
-from ulm_dist.engine import check_precision, resolve_precision
-from ulm_dist.loop import resume_checkpoint, train_func
-from ulm_dist.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
+from ulm_dist.evaluate.periodic import SHEET_FILES
 from ulm_dist.models.perceptual import PerceptualWeightsError, imagenet_vgg16_weights
 from ulm_dist.redaction import print_redacted, redacted_config
-from ulm_dist.store import CheckpointStore, StorageError, StoredCheckpoint
-from ulm_dist.validation import SHEET_FILES
+from ulm_dist.train.checkpoint import CheckpointStore, StorageError, StoredCheckpoint
+from ulm_dist.train.engine import check_precision, resolve_precision
+from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
+from ulm_dist.train.worker import resume_checkpoint, train_func
 
 VAL_PREFIX = "val/"
 
@@ -508,6 +508,3 @@ def checked_shards(cfg: Config, spec: str, split: str, field: str) -> ShardSet:
     except (FileNotFoundError, ValueError, S3AccessError) as error:
         raise ConfigError(f"{field}: {error}") from error
 
-
-if __name__ == "__main__":
-    sys.exit(main())

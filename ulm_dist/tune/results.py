@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 from ray.tune import ResultGrid
 
 from ulm_dist.config import Config
-from ulm_dist.metrics_log import TENSORBOARD_NAME
-from ulm_dist.store import CheckpointStore
-from ulm_dist.sweep_config import SweepConfig
-from ulm_dist.sweep_plot import plot_metric_against_parameters
+from ulm_dist.train.checkpoint import CheckpointStore
+from ulm_dist.train.metrics_log import TENSORBOARD_NAME
+from ulm_dist.tune.config import SweepConfig
+from ulm_dist.tune.plot import plot_metric_against_parameters
 
 TABLE_NAME = "trials.parquet"
 # Besides the sweep's metric, the table keeps each trial's last value of these.

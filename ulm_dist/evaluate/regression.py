@@ -16,7 +16,6 @@ The command line, `python -m ulm_dist.evaluate CHECKPOINT --data ...`, is in
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -119,9 +118,3 @@ def _design(points: torch.Tensor, bias: bool) -> torch.Tensor:
     x = points.flatten(1)
     return torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if bias else x
 
-
-if __name__ == "__main__":
-    # `python -m ulm_dist.evaluate`: the command line lives beside the protocol, not in it.
-    from ulm_dist.evaluation_cli import main
-
-    sys.exit(main())

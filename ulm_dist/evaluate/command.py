@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from ulm_dist.config import DataConfig
 from ulm_dist.data import S3AccessError, ShardSet, make_annotated_loader, resolve_shards
-from ulm_dist.evaluate import NORMALISERS, RegressionReport, landmark_regression
+from ulm_dist.deploy.trained import TrainedModel, load_trained
+from ulm_dist.evaluate.pictures import evaluation_sheets
+from ulm_dist.evaluate.regression import NORMALISERS, RegressionReport, landmark_regression
 from ulm_dist.models.landmarks import to_pixels
-from ulm_dist.report import evaluation_sheets
-from ulm_dist.store import S3_SCHEME, StorageError
-from ulm_dist.trained import TrainedModel, load_trained
+from ulm_dist.train.checkpoint import S3_SCHEME, StorageError
 
 SHOWN_IMAGES = 8
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulm_dist.evaluate import apply_linear_map
+from ulm_dist.evaluate.regression import apply_linear_map
 from ulm_dist.models.landmarks import to_pixels
 
 DETECTOR_NAME = "detector.pt2"

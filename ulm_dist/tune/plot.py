@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ulm_dist.sweep_config import Parameter
+from ulm_dist.tune.config import Parameter
 
 PANEL = (360, 260)  # width, height of one panel in pixels
 PLOT_BOX = (64, 30, 344, 220)  # left, top, right, bottom of the axes inside a panel

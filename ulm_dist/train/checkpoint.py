@@ -25,8 +25,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ulm_dist.data.s3 import CONNECT_TIMEOUT_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_READ_TIMEOUT_S
 from ulm_dist.redaction import redact_url
+from ulm_dist.storage import CONNECT_TIMEOUT_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_READ_TIMEOUT_S
 
 MARKER_NAME = "checkpoint_complete.json"
 CHECKPOINT_PREFIX = "checkpoint_"

@@ -35,13 +35,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from ulm_dist.config import Config, ConfigError
-from ulm_dist.export import ExportError, resolve_checkpoint
-from ulm_dist.export import export as export_artifact
+from ulm_dist.deploy.export import ExportError, resolve_checkpoint
+from ulm_dist.deploy.export import export as export_artifact
+from ulm_dist.deploy.trained import load_trained
 from ulm_dist.redaction import print_redacted
-from ulm_dist.store import CheckpointStore, StorageError
-from ulm_dist.sweep_config import SweepConfig, load_sweep_config
-from ulm_dist.sweep_results import SweepResults, collect_results
-from ulm_dist.train import (
+from ulm_dist.train.checkpoint import CheckpointStore, StorageError
+from ulm_dist.train.driver import (
     check_perceptual_weights,
     choose_device,
     choose_precision,
@@ -49,7 +48,8 @@ from ulm_dist.train import (
     start_ray,
     train,
 )
-from ulm_dist.trained import load_trained
+from ulm_dist.tune.config import SweepConfig, load_sweep_config
+from ulm_dist.tune.results import SweepResults, collect_results
 
 # A trial only launches and watches its Train workers, which reserve their own CPUs and GPUs.
 # Ray refuses an empty resource request, hence a token share instead of none.
@@ -290,6 +290,3 @@ def export_best(results: SweepResults, out: Path, endpoint_url: str | None) -> P
     print_redacted(f"exporting {best.name}: {uri} ({reason})")
     return export_artifact(load_trained(uri, endpoint_url), out, reason, overwrite=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
