@@ -26,6 +26,7 @@ from ulm_dist.data.build import WriteOptions, build_from_folder, build_synthetic
 from ulm_dist.evaluate.command import main
 from ulm_dist.evaluate.periodic import SHEET_FILES
 from ulm_dist.models.landmarks import to_pixels
+from ulm_dist.storage import S3Options
 from ulm_dist.train.checkpoint import CheckpointStore
 from ulm_dist.train.driver import train
 from ulm_dist.train.metrics_log import METRICS_NAME, TENSORBOARD_NAME
@@ -67,7 +68,7 @@ def run(tmp_path_factory, s3_server, tiny_model_overrides):
         train(cfg)
     finally:
         ray.shutdown()
-    store = CheckpointStore(cfg.train.storage, RUN, s3_server)
+    store = CheckpointStore(cfg.train.storage, RUN, S3Options(s3_server))
     return cfg, store, folder
 
 

@@ -18,6 +18,7 @@ from ulm_dist.deploy.trained import load_trained
 from ulm_dist.evaluate.regression import apply_linear_map
 from ulm_dist.models import CycleConsistencyModel
 from ulm_dist.models.landmarks import to_pixels
+from ulm_dist.storage import S3Options
 from ulm_dist.train.checkpoint import CheckpointStore, StoredCheckpoint
 from ulm_dist.train.driver import train
 
@@ -90,7 +91,7 @@ def test_best_is_the_lowest_validation_error_and_a_regressor_travels_along(
     run, s3_server, s3_bucket, tmp_path, capsys
 ):
     # A copy of the run in S3 whose markers say that the older checkpoint scored better.
-    copy = CheckpointStore(f"{s3_bucket}/runs", "scored", s3_server)
+    copy = CheckpointStore(f"{s3_bucket}/runs", "scored", S3Options(s3_server))
     pafs.copy_files(
         run.run_path,
         copy.run_path,

@@ -23,7 +23,8 @@ import ray
 from s3_server import free_port
 
 from ulm_dist.config import load_config
-from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, StorageError, StoredCheckpoint
+from ulm_dist.storage import S3Options, StorageError
+from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, StoredCheckpoint
 from ulm_dist.train.driver import INTERRUPTED_EXIT_CODE, RunReporter, main, named_worker_error
 from ulm_dist.train.metrics_log import METRICS_NAME, MetricsLog
 
@@ -223,7 +224,7 @@ def test_an_s3_endpoint_killed_mid_run_fails_it_naming_the_store_and_keeps_the_c
         f"train.run_name={name}",
     ]
     # The run's store as seen on the server itself, which the outage does not touch.
-    store = CheckpointStore(f"{s3_bucket}/runs", name, s3_server)
+    store = CheckpointStore(f"{s3_bucket}/runs", name, S3Options(s3_server))
     before: dict[str, object] = {}
 
     def kill_the_endpoint_after_the_first_checkpoint() -> None:
@@ -296,7 +297,9 @@ def read_marker(store: CheckpointStore, checkpoint: StoredCheckpoint) -> bytes:
 
 def test_a_store_that_cannot_be_listed_does_not_keep_the_reporter_from_restarting(tmp_path):
     # Port 1 (tcpmux) has no listener: the listing is refused at once.
-    store = CheckpointStore("s3://bucket/runs", "run", "http://127.0.0.1:1", max_attempts=1)
+    store = CheckpointStore(
+        "s3://bucket/runs", "run", S3Options("http://127.0.0.1:1", max_attempts=1)
+    )
     lines = LineList()
     cfg = load_config(None, ["train.max_failures=1"])
     reporter = RunReporter(store, MetricsLog(tmp_path), cfg, lines)

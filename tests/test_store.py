@@ -12,7 +12,8 @@ import ray.train
 from ray.train.v2._internal.execution.storage import StorageContext
 from s3_server import local_s3_server_process
 
-from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, StorageError, local_copy
+from ulm_dist.storage import S3Options, StorageError
+from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, local_copy
 
 # Port 1 (tcpmux) has no listener on any machine these tests run on: connections are refused.
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:1"
@@ -24,7 +25,7 @@ def store(request: pytest.FixtureRequest, tmp_path) -> CheckpointStore:
         return CheckpointStore(str(tmp_path / "runs"), "run")
     endpoint = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
-    return CheckpointStore(f"{bucket}/runs", "run", endpoint_url=endpoint)
+    return CheckpointStore(f"{bucket}/runs", "run", S3Options(endpoint))
 
 
 def write_checkpoint(store: CheckpointStore, step: int, mark: bool = True) -> str:
@@ -102,13 +103,13 @@ def test_unwritable_local_storage_is_refused_with_the_reason(tmp_path):
 
 @pytest.mark.usefixtures("s3_server")
 def test_unreachable_s3_endpoint_is_refused_quickly():
-    store = CheckpointStore("s3://bucket/runs", "run", UNREACHABLE_ENDPOINT)
+    store = CheckpointStore("s3://bucket/runs", "run", S3Options(UNREACHABLE_ENDPOINT))
     with pytest.raises(StorageError, match=r"cannot write to s3://bucket/runs/run: .*connect"):
         store.check_writable()
 
 
 def test_missing_bucket_is_refused(s3_server):
-    store = CheckpointStore("s3://no-such-bucket/runs", "run", s3_server)
+    store = CheckpointStore("s3://no-such-bucket/runs", "run", S3Options(s3_server))
     with pytest.raises(StorageError, match="check the path or that the bucket exists"):
         store.check_writable()
 
@@ -127,7 +128,7 @@ def test_local_paths_are_made_absolute(tmp_path, monkeypatch):
 
 def test_a_local_copy_holds_the_checkpoint_and_a_downloaded_one_is_deleted_afterwards(store):
     path = write_checkpoint(store, step=7)
-    with local_copy(store.uri(path), store.endpoint_url) as (folder, checkpoint):
+    with local_copy(store.uri(path), store.s3) as (folder, checkpoint):
         assert checkpoint.step == 7
         assert (folder / "engine" / "weights.pt").read_bytes() == b"w" * 7
         copied = folder
@@ -176,7 +177,7 @@ def outage_store(s3_server, tmp_path) -> Iterator[tuple[CheckpointStore, subproc
     with local_s3_server_process(tmp_path / "moto.log") as (endpoint, server):
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
         store = CheckpointStore(
-            "s3://outage/runs", "run", endpoint, max_attempts=2, read_timeout_s=1
+            "s3://outage/runs", "run", S3Options(endpoint, max_attempts=2, read_timeout_s=1)
         )
         write_checkpoint(store, 2)
         yield store, server
@@ -193,7 +194,7 @@ def test_a_hung_s3_server_fails_a_listing_within_the_attempts_naming_the_store(o
     message = str(raised.value)
     assert message.startswith("listing the checkpoints in s3://outage/runs/run failed: ")
     assert "failed 2 attempts of at most 1 s each (data.s3_max_attempts)" in message
-    assert f"endpoint {store.endpoint_url}" in message
+    assert f"endpoint {store.s3.endpoint_url}" in message
     assert "run the same command again" in message
 
 
@@ -209,7 +210,9 @@ def test_a_killed_s3_server_fails_marking_a_checkpoint_naming_the_operation(outa
 
 
 def test_store_errors_keep_credentials_in_the_endpoint_out_of_the_message():
-    store = CheckpointStore("s3://bucket/runs", "run", "http://KEY:PLANTED_SECRET@127.0.0.1:1")
+    store = CheckpointStore(
+        "s3://bucket/runs", "run", S3Options("http://KEY:PLANTED_SECRET@127.0.0.1:1")
+    )
     with pytest.raises(StorageError) as raised, store.named_errors("listing the checkpoints"):
         raise OSError("curl: could not reach http://KEY:PLANTED_SECRET@127.0.0.1:1")
     assert "PLANTED_SECRET" not in str(raised.value)

@@ -18,6 +18,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
+from ulm_dist.storage import S3Options
 from ulm_dist.train.checkpoint import CheckpointStore
 from ulm_dist.train.driver import main, train
 from ulm_dist.train.engine import read_learner_weights
@@ -54,7 +55,7 @@ def test_zero2_on_s3_survives_a_killed_worker(
         "train.time_collectives=true",
     ]
     cfg = load_config(None, args)
-    store = CheckpointStore(cfg.train.storage, "zero2", s3_server)
+    store = CheckpointStore(cfg.train.storage, "zero2", S3Options(s3_server))
     events = tmp_path / "reports.txt"
     # Once checkpoint 4 is complete, a worker process is killed with SIGKILL.
     killer = WorkerKiller(events, after_step=4)

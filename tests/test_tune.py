@@ -20,7 +20,7 @@ import yaml
 from ray.tune import ExperimentAnalysis
 
 from ulm_dist.deploy.artifact import load_detector
-from ulm_dist.train.checkpoint import open_filesystem
+from ulm_dist.storage import S3Options, open_filesystem
 from ulm_dist.tune.sweep import main
 
 pytestmark = pytest.mark.slow
@@ -157,7 +157,7 @@ def test_sweep_on_s3(ray_cluster, s3_server, s3_bucket, tmp_path, tiny_model_ove
     )
     assert main(["--config", str(sweep_file)]) == 0
 
-    filesystem, path = open_filesystem(f"{s3_bucket}/sweeps/on-s3", s3_server)
+    filesystem, path = open_filesystem(f"{s3_bucket}/sweeps/on-s3", S3Options(s3_server))
     table = pq.read_table(f"{path}/trials.parquet", filesystem=filesystem).to_pylist()
     assert sorted(row["model.num_landmarks"] for row in table) == [3, 4]
     assert all(row["status"] == "finished" for row in table)

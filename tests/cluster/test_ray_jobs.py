@@ -140,8 +140,10 @@ def test_demo_job_spreads_over_two_nodes_with_shards_and_checkpoints_in_s3(
         workers = cluster.state("actors", "class_name=RayTrainWorker")
         latest_step = run_python(
             cluster,
+            "from ulm_dist.storage import S3Options\n"
             "from ulm_dist.train.checkpoint import CheckpointStore\n"
-            f"print(CheckpointStore({bucket + '/runs'!r}, 'demo-s3', {endpoint!r}).latest().step)",
+            f"store = CheckpointStore({bucket + '/runs'!r}, 'demo-s3', S3Options({endpoint!r}))\n"
+            "print(store.latest().step)",
         )
 
     assert len(nodes) == 2, nodes

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from ulm_dist.data import locations
+from ulm_dist import storage
 from ulm_dist.data.build import (
     WriteOptions,
     build_from_folder,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             write=write,
         )
     for split, manifest in manifests.items():
-        _print_manifest(manifest, locations.join(args.dest, split))
+        _print_manifest(manifest, storage.join(args.dest, split))
     return 0
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ulm_dist.data import locations, synthetic
+from ulm_dist import storage
+from ulm_dist.data import synthetic
 from ulm_dist.data.image_folder import (
     LandmarkTable,
     folder_items,
@@ -175,7 +176,7 @@ def _synthetic_shard(
 def _write_split(
     jobs: list[ShardJob], count: int, dest: str, summary: DatasetSummary, write: WriteOptions
 ) -> Manifest:
-    folder = locations.join(dest, summary.split)
+    folder = storage.join(dest, summary.split)
     rows = write_shards(
         jobs,
         folder,
@@ -188,7 +189,7 @@ def _write_split(
     )
     write_manifest(folder, Manifest(tuple(rows), summary), write.s3)
     # As `read_manifest` gives it: shard urls absolute.
-    shards = (dataclasses.replace(row, url=locations.join(folder, row.url)) for row in rows)
+    shards = (dataclasses.replace(row, url=storage.join(folder, row.url)) for row in rows)
     return Manifest(tuple(shards), summary)
 
 

@@ -42,7 +42,8 @@ from ulm_dist.data.reader import (
     shards_for_worker,
     unpaired,
 )
-from ulm_dist.data.resolve import ShardSet, s3_options
+from ulm_dist.data.resolve import ShardSet
+from ulm_dist.storage import s3_options
 
 log = logging.getLogger(__name__)
 

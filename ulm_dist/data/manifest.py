@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ulm_dist.data import locations
+from ulm_dist import storage
 from ulm_dist.data.layouts import LandmarkLayout
 from ulm_dist.storage import S3Options
 
@@ -75,15 +75,15 @@ def write_manifest(folder: str, manifest: Manifest, options: S3Options) -> str:
     table = table.replace_schema_metadata({_SUMMARY_KEY: summary.encode()})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    url = locations.join(folder, MANIFEST_NAME)
-    locations.write_bytes(url, buffer.getvalue(), options)
+    url = storage.join(folder, MANIFEST_NAME)
+    storage.write_bytes(url, buffer.getvalue(), options)
     return url
 
 
 def read_manifest(folder: str, options: S3Options) -> Manifest:
     """The manifest in `folder`, with shard urls made absolute (joined to `folder`)."""
-    url = locations.join(folder, MANIFEST_NAME)
-    table = pq.read_table(io.BytesIO(locations.read_bytes(url, options)))
+    url = storage.join(folder, MANIFEST_NAME)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(url, options)))
     metadata = table.schema.metadata or {}
     if _SUMMARY_KEY not in metadata:
         raise ValueError(
@@ -92,7 +92,7 @@ def read_manifest(folder: str, options: S3Options) -> Manifest:
         )
     rows = table.to_pylist()
     shards = tuple(
-        ShardInfo(locations.join(folder, row["url"]), row["samples"], row["bytes"], row["sha256"])
+        ShardInfo(storage.join(folder, row["url"]), row["samples"], row["bytes"], row["sha256"])
         for row in rows
     )
     return Manifest(shards, _summary_from_json(metadata[_SUMMARY_KEY].decode(), url))

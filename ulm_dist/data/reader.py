@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ulm_dist.data import locations
+from ulm_dist import storage
 from ulm_dist.data.shards import LANDMARKS_FIELD
 from ulm_dist.storage import S3AccessError, S3Options
 
@@ -84,7 +84,7 @@ def read_shard(
     """The good samples of one shard, in order; `expected` is its manifest count, if known."""
     seen = 0
     try:
-        stream = locations.open_read(url, options)
+        stream = storage.open_read(url, options)
     except FileNotFoundError as error:
         skips.add(expected or 1, f"{url}: missing shard ({error})")
         return

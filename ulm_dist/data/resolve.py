@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
+from ulm_dist import storage
 from ulm_dist.config import DataConfig
-from ulm_dist.data import locations
 from ulm_dist.data.build import ensure_synthetic_dataset
 from ulm_dist.data.manifest import MANIFEST_NAME, DatasetSummary, Manifest, read_manifest
-from ulm_dist.storage import S3Options
+from ulm_dist.storage import S3Options, s3_options
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,6 @@ class ShardSet:
         return cls(tuple(manifest.urls), counts, manifest.summary)
 
 
-def s3_options(data: DataConfig) -> S3Options:
-    return S3Options(endpoint_url=data.s3_endpoint_url, max_attempts=data.s3_max_attempts)
-
-
 def resolve_shards(data: DataConfig, spec: str, split: str, *, image_size: int) -> ShardSet:
     """The shards `spec` names (see the module docstring); `split` picks a split folder of a
     data set root and of the synthetic set. Call it on the driver: for `synthetic` it may
@@ -61,14 +57,14 @@ def resolve_shards(data: DataConfig, spec: str, split: str, *, image_size: int) 
         return ShardSet.from_manifest(read_manifest(str(folder / split), options))
     if "{" in spec or spec.endswith(".tar"):
         return _from_pattern(spec, options)
-    for folder in (spec, locations.join(spec, split)):
+    for folder in (spec, storage.join(spec, split)):
         try:
             return ShardSet.from_manifest(read_manifest(folder, options))
         except FileNotFoundError:
             continue
     raise FileNotFoundError(
-        f"data spec {spec!r}: expected {locations.join(spec, MANIFEST_NAME)} or "
-        f"{locations.join(spec, split, MANIFEST_NAME)}, found neither; build the shards with "
+        f"data spec {spec!r}: expected {storage.join(spec, MANIFEST_NAME)} or "
+        f"{storage.join(spec, split, MANIFEST_NAME)}, found neither; build the shards with "
         "`python -m ulm_dist.data build` (or `synth`), or give a shard pattern like "
         "dir/train-{000000..000009}.tar"
     )
@@ -78,7 +74,7 @@ def _from_pattern(pattern: str, options: S3Options) -> ShardSet:
     urls = tuple(braceexpand.braceexpand(pattern))
     _check_matches_a_shard(pattern, urls, options)
     try:
-        manifest = read_manifest(locations.parent(urls[0]), options)
+        manifest = read_manifest(storage.parent(urls[0]), options)
     except FileNotFoundError:
         return ShardSet(urls)
     # Matched by file name: the pattern and the manifest may spell the folder differently.
@@ -91,9 +87,9 @@ def _check_matches_a_shard(pattern: str, urls: tuple[str, ...], options: S3Optio
     """Refuse a pattern that names no existing file: every worker would find nothing to read.
     (Some missing shards are fine: the reader skips them and counts their samples.) One listing
     per folder, not one request per shard."""
-    folders = {locations.parent(url) for url in urls}
-    names = {folder: locations.list_names(folder, options) for folder in folders}
-    if not any(posixpath.basename(url) in names[locations.parent(url)] for url in urls):
+    folders = {storage.parent(url) for url in urls}
+    names = {folder: storage.list_names(folder, options) for folder in folders}
+    if not any(posixpath.basename(url) in names[storage.parent(url)] for url in urls):
         raise FileNotFoundError(
             f"shard pattern {pattern!r}: matches no file (it names {len(urls)}, from {urls[0]} "
             f"to {urls[-1]}); check the folder, the file names and the range in braces"

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ulm_dist.data import locations
+from ulm_dist import storage
 from ulm_dist.data.manifest import ShardInfo
 from ulm_dist.storage import S3Options
 
@@ -91,8 +91,8 @@ def write_shard(
     samples: Sequence[Sample], folder: str, name: str, encoding: Encoding, options: S3Options
 ) -> ShardInfo:
     """Writes `samples` as the tar `folder/name`; returns its manifest row (url = name)."""
-    url = locations.join(folder, name)
-    handle, path = tempfile.mkstemp(dir=locations.staging_folder(url), suffix=".partial")
+    url = storage.join(folder, name)
+    handle, path = tempfile.mkstemp(dir=storage.staging_folder(url), suffix=".partial")
     try:
         with os.fdopen(handle, "wb") as stream, tarfile.open(fileobj=stream, mode="w") as tar:
             for sample in samples:
@@ -101,7 +101,7 @@ def write_shard(
                     entry.size, entry.mode = len(data), 0o444
                     tar.addfile(entry, io.BytesIO(data))
         row = ShardInfo(name, len(samples), os.path.getsize(path), _sha256(path))
-        locations.move_file(path, url, options)
+        storage.move_file(path, url, options)
     finally:
         if os.path.exists(path):  # a failed write or upload leaves no partial file behind
             os.unlink(path)

@@ -32,12 +32,8 @@ from ulm_dist.deploy import artifact
 from ulm_dist.deploy.artifact import ArtifactError, Regressor
 from ulm_dist.deploy.trained import TrainedModel, load_trained
 from ulm_dist.redaction import redacted_config
-from ulm_dist.train.checkpoint import (
-    CHECKPOINT_PREFIX,
-    CheckpointStore,
-    StorageError,
-    StoredCheckpoint,
-)
+from ulm_dist.storage import S3Options, StorageError
+from ulm_dist.train.checkpoint import CHECKPOINT_PREFIX, CheckpointStore, StoredCheckpoint
 
 # Written into the completion marker by periodic validation; lower is better.
 SELECTION_METRIC = "val/landmark_error"
@@ -64,9 +60,10 @@ class PoseDetector(nn.Module):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        uri, reason = resolve_checkpoint(args.source, args.checkpoint, args.s3_endpoint_url)
+        s3 = S3Options(endpoint_url=args.s3_endpoint_url)
+        uri, reason = resolve_checkpoint(args.source, args.checkpoint, s3)
         print(f"exporting {uri} ({reason})", flush=True)
-        trained = load_trained(uri, args.s3_endpoint_url)
+        trained = load_trained(uri, s3)
         regressor = read_regressor(args.regressor, trained.config.model.num_landmarks)
         out = export(trained, args.out, reason, regressor, overwrite=args.overwrite)
     except (StorageError, ExportError, ArtifactError) as error:
@@ -99,9 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_checkpoint(
-    source: str, choice: str | None, endpoint_url: str | None = None
-) -> tuple[str, str]:
+def resolve_checkpoint(source: str, choice: str | None, s3: S3Options) -> tuple[str, str]:
     """The URI of the checkpoint to export, and why it was picked."""
     name = source.rstrip("/").rpartition("/")[2]
     if name.startswith(CHECKPOINT_PREFIX):
@@ -112,7 +107,7 @@ def resolve_checkpoint(
             )
         return source, "the checkpoint given"
     parent = source.rstrip("/").rpartition("/")[0] or "."
-    store = CheckpointStore(parent, name, endpoint_url)
+    store = CheckpointStore(parent, name, s3)
     checkpoints = store.checkpoints()
     if not checkpoints:
         if store.has_checkpoint_folders():
@@ -306,4 +301,3 @@ ulm_dist installed, `ulm_dist.deploy.artifact.load_detector(folder)` does this a
 
 {scored}
 """
-

@@ -246,4 +246,3 @@ def overlay(image: SquareImage, found: np.ndarray, annotated: np.ndarray | None)
     colours = landmark_colours(len(annotated))
     annotated = annotated * (image.picture_scale * scale)
     return draw_points(np.asarray(picture), annotated, colours, marker="cross")
-

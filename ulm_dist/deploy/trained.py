@@ -16,7 +16,8 @@ from torch import nn
 
 from ulm_dist.config import Config, LossConfig, config_from_dict
 from ulm_dist.models import build_learner
-from ulm_dist.train.checkpoint import StorageError, local_copy
+from ulm_dist.storage import S3Options, StorageError
+from ulm_dist.train.checkpoint import local_copy
 from ulm_dist.train.engine import read_learner_weights
 
 # Written by `loop.save_checkpoint` beside the engine state.
@@ -32,11 +33,11 @@ class TrainedModel:
     info: dict[str, Any] = field(default_factory=dict)  # its completion marker's extras
 
 
-def load_trained(uri: str, s3_endpoint_url: str | None = None) -> TrainedModel:
+def load_trained(uri: str, s3: S3Options | None = None) -> TrainedModel:
     """Build the learner a checkpoint was trained as and load its weights (ZeRO shards are
     gathered; bf16/fp16 runs give their fp32 master weights). A StorageError says what is
     wrong with a path that is not a complete checkpoint."""
-    with local_copy(uri, s3_endpoint_url) as (folder, checkpoint):
+    with local_copy(uri, s3 or S3Options()) as (folder, checkpoint):
         state_file = folder / TRAIN_STATE_NAME
         if not state_file.exists():
             raise StorageError(

@@ -35,7 +35,7 @@ from ulm_dist.deploy.trained import TrainedModel, load_trained
 from ulm_dist.evaluate.pictures import evaluation_sheets
 from ulm_dist.evaluate.regression import NORMALISERS, RegressionReport, landmark_regression
 from ulm_dist.models.landmarks import to_pixels
-from ulm_dist.train.checkpoint import S3_SCHEME, StorageError
+from ulm_dist.storage import S3_SCHEME, S3Options, StorageError
 
 SHOWN_IMAGES = 8
 
@@ -120,7 +120,7 @@ def non_negative_float(text: str) -> float:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> Path:
     """The whole command: returns the results folder."""
-    trained = load_trained(args.checkpoint, args.s3_endpoint_url)
+    trained = load_trained(args.checkpoint, S3Options(endpoint_url=args.s3_endpoint_url))
     size = trained.config.model.image_size
     data = dataclasses.replace(trained.config.data, s3_endpoint_url=args.s3_endpoint_url)
     fit_shards = resolve_split(data, args.data, args.fit_split, size)

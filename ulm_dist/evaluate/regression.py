@@ -117,4 +117,3 @@ def landmark_regression(
 def _design(points: torch.Tensor, bias: bool) -> torch.Tensor:
     x = points.flatten(1)
     return torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if bias else x
-

@@ -44,7 +44,8 @@ from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
 from ulm_dist.evaluate.periodic import SHEET_FILES
 from ulm_dist.models.perceptual import PerceptualWeightsError, imagenet_vgg16_weights
 from ulm_dist.redaction import print_redacted, redacted_config
-from ulm_dist.train.checkpoint import CheckpointStore, StorageError, StoredCheckpoint
+from ulm_dist.storage import StorageError, s3_options
+from ulm_dist.train.checkpoint import CheckpointStore, StoredCheckpoint
 from ulm_dist.train.engine import check_precision, resolve_precision
 from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
 from ulm_dist.train.worker import resume_checkpoint, train_func
@@ -102,12 +103,7 @@ def train(
 
     `callbacks` see every report after the run's own reporter (a sweep passes the one that
     forwards reports to Ray Tune, see tune.py)."""
-    store = CheckpointStore(
-        cfg.train.storage,
-        cfg.train.run_name,
-        cfg.data.s3_endpoint_url,
-        max_attempts=cfg.data.s3_max_attempts,
-    )
+    store = CheckpointStore(cfg.train.storage, cfg.train.run_name, s3_options(cfg.data))
     store.check_writable()
     start = check_resume(cfg, store)
     shards = prepare_data(cfg)
@@ -394,10 +390,9 @@ def forget_ray_checkpoint_list(store: CheckpointStore) -> None:
     rerun Ray would offer the last one it lists, complete or not, and refuse to start at all
     once the reporter has pruned one it lists; the workers resume from the store's newest
     complete checkpoint instead (`loop.resume_checkpoint`)."""
-    path = f"{store.run_path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
-    with store.named_errors("deleting Ray Train's list of checkpoints"):
-        if store.filesystem.get_file_info(path).type == pafs.FileType.File:
-            store.filesystem.delete_file(path)
+    store.delete_file(
+        CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, "deleting Ray Train's list of checkpoints"
+    )
 
 
 def start_ray(verbose: bool) -> None:
@@ -507,4 +502,3 @@ def checked_shards(cfg: Config, spec: str, split: str, field: str) -> ShardSet:
         return resolve_shards(cfg.data, spec, split, image_size=cfg.model.image_size)
     except (FileNotFoundError, ValueError, S3AccessError) as error:
         raise ConfigError(f"{field}: {error}") from error
-

@@ -43,6 +43,7 @@ from ulm_dist.deploy.trained import TRAIN_STATE_NAME
 from ulm_dist.evaluate.periodic import SHEET_FILES, load_validation_set, validate
 from ulm_dist.models import build_learner
 from ulm_dist.redaction import redacted_config
+from ulm_dist.storage import s3_options
 from ulm_dist.train.checkpoint import CheckpointStore, StoredCheckpoint
 from ulm_dist.train.engine import (
     build_engine,
@@ -76,12 +77,7 @@ def train_func(config: dict[str, Any]) -> None:
     train = cfg.train
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    store = CheckpointStore(
-        train.storage,
-        train.run_name,
-        cfg.data.s3_endpoint_url,
-        max_attempts=cfg.data.s3_max_attempts,
-    )
+    store = CheckpointStore(train.storage, train.run_name, s3_options(cfg.data))
 
     # The same seed everywhere gives every worker the same initial weights.
     seed_everything(train.seed)

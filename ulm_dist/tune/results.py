@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from ray.tune import ResultGrid
 
 from ulm_dist.config import Config
+from ulm_dist.storage import StorageFolder, s3_options
 from ulm_dist.train.checkpoint import CheckpointStore
 from ulm_dist.train.metrics_log import TENSORBOARD_NAME
 from ulm_dist.tune.config import SweepConfig
@@ -76,9 +77,9 @@ class SweepResults:
             for trial in self.trials
         ]
 
-    def write(self, folder: CheckpointStore) -> None:
+    def write(self, folder: StorageFolder) -> None:
         """The table and the plot into the sweep's folder."""
-        table_path = f"{folder.run_path}/{TABLE_NAME}"
+        table_path = f"{folder.path}/{TABLE_NAME}"
         pq.write_table(pa.Table.from_pylist(self.rows()), table_path, filesystem=folder.filesystem)
         self.written["table"] = folder.uri(table_path)
         points = [(t.params, t.best) for t in self.trials if t.best is not None]
@@ -86,7 +87,7 @@ class SweepResults:
             image = plot_metric_against_parameters(
                 points, list(self.sweep.space.values()), self.sweep.metric, self.sweep.mode
             )
-            plot_path = f"{folder.run_path}/{self.sweep.metric.replace('/', '_')}.png"
+            plot_path = f"{folder.path}/{self.sweep.metric.replace('/', '_')}.png"
             with folder.filesystem.open_output_stream(plot_path) as stream:
                 image.save(stream, format="PNG")
             self.written["plot"] = folder.uri(plot_path)
@@ -151,7 +152,7 @@ def collect_results(
             values = history[sweep.metric].dropna()
             if len(values):
                 best = float(values.min() if sweep.mode == "min" else values.max())
-        store = CheckpointStore(runs_uri, name, base.data.s3_endpoint_url)
+        store = CheckpointStore(runs_uri, name, s3_options(base.data))
         latest = store.latest()
         trials.append(
             TrialResult(

@@ -39,7 +39,7 @@ from ulm_dist.deploy.export import ExportError, resolve_checkpoint
 from ulm_dist.deploy.export import export as export_artifact
 from ulm_dist.deploy.trained import load_trained
 from ulm_dist.redaction import print_redacted
-from ulm_dist.train.checkpoint import CheckpointStore, StorageError
+from ulm_dist.storage import S3Options, StorageError, StorageFolder, s3_options
 from ulm_dist.train.driver import (
     check_perceptual_weights,
     choose_device,
@@ -85,12 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     """Run (or continue) the sweep; the results once every trial is done, else None."""
     base = sweep.base_config()
-    folder = CheckpointStore(
-        sweep.storage,
-        sweep.name,
-        base.data.s3_endpoint_url,
-        max_attempts=base.data.s3_max_attempts,
-    )
+    folder = StorageFolder(sweep.storage, sweep.name, s3_options(base.data))
     folder.check_writable()
     # Checked (and the synthetic set generated, the ImageNet weights fetched) once, before Ray
     # starts: concurrent trials must not all do it at once.
@@ -101,7 +96,7 @@ def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     use_gpu = choose_device(base, verbose)
     precision = choose_precision(base, use_gpu)
     log_folder = Path(sweep.log_dir).expanduser().resolve() / sweep.name
-    runs_uri = folder.uri(f"{folder.run_path}/{TRIAL_RUNS}")
+    runs_uri = folder.uri(f"{folder.path}/{TRIAL_RUNS}")
     fixed = [
         f"train.storage={runs_uri}",
         f"train.log_dir={log_folder}",
@@ -131,7 +126,7 @@ def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     results = collect_results(grid, sweep, base, runs_uri, log_folder)
     results.write(folder)
     export_dir = Path(sweep.export_dir or log_folder / "best").expanduser().resolve()
-    results.exported = export_best(results, export_dir, base.data.s3_endpoint_url)
+    results.exported = export_best(results, export_dir, s3_options(base.data))
     print_redacted(results.summary())
     return results
 
@@ -139,16 +134,16 @@ def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
 def make_tuner(
     sweep: SweepConfig,
     base: Config,
-    folder: CheckpointStore,
+    folder: StorageFolder,
     trainable: Any,
     use_gpu: bool,
 ) -> ray.tune.Tuner:
     """A new Tuner, or the sweep's own restored from its folder if it was started before."""
-    if ray.tune.Tuner.can_restore(folder.run_path, storage_filesystem=folder.filesystem):
-        print_redacted(f"sweep {sweep.name}: continuing from {folder.uri(folder.run_path)}")
+    if ray.tune.Tuner.can_restore(folder.path, storage_filesystem=folder.filesystem):
+        print_redacted(f"sweep {sweep.name}: continuing from {folder.uri(folder.path)}")
         # Errored trials resume too: their runs continue from their latest checkpoints.
         return ray.tune.Tuner.restore(
-            folder.run_path,
+            folder.path,
             trainable,
             resume_unfinished=True,
             resume_errored=True,
@@ -174,11 +169,11 @@ def make_tuner(
     )
 
 
-def unfinished_trials(folder: CheckpointStore) -> int:
+def unfinished_trials(folder: StorageFolder) -> int:
     """Trials that the sweep's saved state has not finished. Read back from the folder: after
     Ctrl+C, Tune saves the trials it stops as running (so that they continue on restore), but
     the results it returns show them as terminated."""
-    analysis = ray.tune.ExperimentAnalysis(folder.run_path, storage_filesystem=folder.filesystem)
+    analysis = ray.tune.ExperimentAnalysis(folder.path, storage_filesystem=folder.filesystem)
     done = (Trial.TERMINATED, Trial.ERROR)
     return sum(trial.status not in done for trial in analysis.trials)
 
@@ -281,12 +276,11 @@ def concurrent_trials(sweep: SweepConfig, base: Config, use_gpu: bool) -> int:
     return max(1, fits)
 
 
-def export_best(results: SweepResults, out: Path, endpoint_url: str | None) -> Path | None:
+def export_best(results: SweepResults, out: Path, s3: S3Options) -> Path | None:
     """Export the best trial's run (its best checkpoint, as export.py picks) to `out`."""
     best = results.best()
     if best is None or best.checkpoint is None:
         return None
-    uri, reason = resolve_checkpoint(best.run, "best", endpoint_url)
+    uri, reason = resolve_checkpoint(best.run, "best", s3)
     print_redacted(f"exporting {best.name}: {uri} ({reason})")
-    return export_artifact(load_trained(uri, endpoint_url), out, reason, overwrite=True)
-
+    return export_artifact(load_trained(uri, s3), out, reason, overwrite=True)
