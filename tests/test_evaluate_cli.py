@@ -24,10 +24,9 @@ from ulm_dist.config import load_config
 from ulm_dist.data import make_annotated_loader, resolve_shards
 from ulm_dist.data.build import WriteOptions, build_from_folder, build_synthetic
 from ulm_dist.evaluate.command import main
-from ulm_dist.evaluate.periodic import SHEET_FILES
 from ulm_dist.models.landmarks import to_pixels
 from ulm_dist.storage import S3Options
-from ulm_dist.train.checkpoint import CheckpointStore
+from ulm_dist.train.checkpoint import CheckpointStore, picture_file
 from ulm_dist.train.driver import train
 from ulm_dist.train.metrics_log import METRICS_NAME, TENSORBOARD_NAME
 
@@ -99,7 +98,7 @@ def test_training_reports_val_metrics_and_keeps_them_with_the_checkpoint(run):
         info.base_name for info in store.filesystem.get_file_info(pafs.FileSelector(last.path))
     }
     cycle_pictures = {"val/regression_sheet", "val/cycle_sheet"}  # the cycle model's
-    assert {SHEET_FILES[tag] for tag in cycle_pictures} <= files
+    assert {picture_file(tag) for tag in cycle_pictures} <= files
     events = EventAccumulator(str(folder / "logs" / RUN / TENSORBOARD_NAME), size_guidance={})
     events.Reload()
     assert set(events.Tags()["images"]) == cycle_pictures

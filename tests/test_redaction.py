@@ -6,7 +6,7 @@ import pytest
 import ulm_dist.train.driver
 from ulm_dist.config import load_config
 from ulm_dist.redaction import redact_url
-from ulm_dist.train.worker import TrainState, write_train_state
+from ulm_dist.train.checkpoint import TrainState, write_train_state
 
 SECRET = "planted-s3cr3t"
 ENDPOINT = f"http://PLANTEDKEY:{SECRET}@127.0.0.1:1"

@@ -19,9 +19,8 @@ from ray.train.v2.api.callback import UserCallback
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
 from ulm_dist.storage import S3Options
-from ulm_dist.train.checkpoint import CheckpointStore
+from ulm_dist.train.checkpoint import CheckpointStore, read_learner_weights
 from ulm_dist.train.driver import main, train
-from ulm_dist.train.engine import read_learner_weights
 from ulm_dist.train.metrics_log import METRICS_NAME
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from ulm_dist.config import load_config
-from ulm_dist.deploy.trained import FIELDS_ADDED_LATER, TRAIN_STATE_NAME, load_trained
+from ulm_dist.deploy.trained import FIELDS_ADDED_LATER, load_trained
 from ulm_dist.models import build_learner, perceptual
-from ulm_dist.train.checkpoint import CheckpointStore
-from ulm_dist.train.engine import ENGINE_TAG
+from ulm_dist.train.checkpoint import ENGINE_TAG, TRAIN_STATE_NAME, CheckpointStore
 
 SMALL = [
     "model.channels=[8,16]",

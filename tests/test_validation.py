@@ -9,8 +9,9 @@ from PIL import Image
 
 from ulm_dist.config import load_config
 from ulm_dist.data import resolve_shards
-from ulm_dist.evaluate.periodic import SHEET_FILES, load_validation_set, validate
+from ulm_dist.evaluate.periodic import load_validation_set, validate
 from ulm_dist.models import build_learner
+from ulm_dist.train.checkpoint import picture_file, picture_tag
 from ulm_dist.train.driver import main as train_main
 
 
@@ -41,7 +42,8 @@ def test_validation_reports_the_protocol_on_the_val_split(tmp_path, tiny_model_o
     assert all(value > 0 for value in scores.values())
 
     assert set(pictures) == {"val/regression_sheet", "val/cycle_sheet"}
-    assert set(pictures) <= set(SHEET_FILES)  # each has a file name in the checkpoint
+    # each has a file name in the checkpoint, which the driver reads back as its tag
+    assert {picture_tag(picture_file(tag)) for tag in pictures} == set(pictures)
     regression = Image.open(io.BytesIO(pictures["val/regression_sheet"]))
     cycle = Image.open(io.BytesIO(pictures["val/cycle_sheet"]))
     tile = 4 * size

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +15,8 @@ from torch import nn
 
 from ulm_dist.config import Config, LossConfig, config_from_dict
 from ulm_dist.models import build_learner
-from ulm_dist.storage import S3Options, StorageError
-from ulm_dist.train.checkpoint import local_copy
-from ulm_dist.train.engine import read_learner_weights
-
-# Written by `loop.save_checkpoint` beside the engine state.
-TRAIN_STATE_NAME = "train_state.json"
+from ulm_dist.storage import S3Options
+from ulm_dist.train.checkpoint import local_copy, read_learner_weights, read_train_state
 
 
 @dataclass
@@ -38,12 +33,7 @@ def load_trained(uri: str, s3: S3Options | None = None) -> TrainedModel:
     gathered; bf16/fp16 runs give their fp32 master weights). A StorageError says what is
     wrong with a path that is not a complete checkpoint."""
     with local_copy(uri, s3 or S3Options()) as (folder, checkpoint):
-        state_file = folder / TRAIN_STATE_NAME
-        if not state_file.exists():
-            raise StorageError(
-                f"{uri}: has no {TRAIN_STATE_NAME}; is this a checkpoint written by ulm_dist.train?"
-            )
-        saved = json.loads(state_file.read_text())
+        saved = read_train_state(folder, uri)
         config = config_from_dict(as_saved_run_trained(saved["config"]))
         weights = read_learner_weights(folder)
     learner = build_learner(config.model, loss_for_loading(config.loss))

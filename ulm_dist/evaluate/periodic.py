@@ -26,11 +26,6 @@ from ulm_dist.evaluate.pictures import evaluation_sheets
 from ulm_dist.evaluate.regression import landmark_regression
 from ulm_dist.models.landmarks import to_pixels
 
-# TensorBoard tag -> file name in the checkpoint folder (see `train.RunReporter`).
-SHEET_FILES = {
-    f"val/{name}": f"val_{name}.png"
-    for name in ("regression_sheet", "cycle_sheet", "generation_sheet")
-}
 SHOWN_IMAGES = 8
 # Loader batch while loading, and detector batch while evaluating.
 BATCH_SIZE = 64

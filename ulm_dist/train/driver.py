@@ -41,18 +41,22 @@ from ray.util.queue import Queue
 
 from ulm_dist.config import Config, ConfigError, load_config
 from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
-from ulm_dist.evaluate.periodic import SHEET_FILES
 from ulm_dist.models.perceptual import PerceptualWeightsError, imagenet_vgg16_weights
 from ulm_dist.redaction import print_redacted, redacted_config
 from ulm_dist.storage import StorageError, s3_options
-from ulm_dist.train.checkpoint import CheckpointStore, StoredCheckpoint
+from ulm_dist.train.checkpoint import (
+    RUN_CONFIG_NAME,
+    CheckpointStore,
+    StoredCheckpoint,
+    picture_tag,
+    resume_checkpoint,
+)
 from ulm_dist.train.engine import check_precision, resolve_precision
 from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
-from ulm_dist.train.worker import resume_checkpoint, train_func
+from ulm_dist.train.worker import train_func
 
 VAL_PREFIX = "val/"
 
-CONFIG_NAME = "config.yaml"
 # What shells report for a command ended by SIGINT (128 + 2).
 INTERRUPTED_EXIT_CODE = 130
 
@@ -113,10 +117,10 @@ def train(
     precision = choose_precision(cfg, use_gpu)
 
     config_text = yaml.safe_dump(redacted_config(cfg), sort_keys=False)
-    store.write_text(CONFIG_NAME, config_text)
+    store.write_config(config_text)
     log_folder = Path(cfg.train.log_dir).expanduser().resolve() / cfg.train.run_name
     metrics_log = MetricsLog(log_folder)
-    (log_folder / CONFIG_NAME).write_text(config_text)
+    (log_folder / RUN_CONFIG_NAME).write_text(config_text)
 
     start_ray(verbose)
     forget_ray_checkpoint_list(store)
@@ -305,10 +309,11 @@ class RunReporter(UserCallback):
         """The val pictures a worker put into the checkpoint, into TensorBoard."""
         pictures = {}
         with self.store.named_errors(f"reading the val pictures of {Path(checkpoint.path).name}"):
-            for tag, name in SHEET_FILES.items():
-                path = f"{checkpoint.path}/{name}"
-                if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.File:
-                    with checkpoint.filesystem.open_input_stream(path) as stream:
+            entries = checkpoint.filesystem.get_file_info(pafs.FileSelector(checkpoint.path))
+            for entry in sorted(entries, key=lambda entry: entry.path):
+                tag = picture_tag(entry.base_name)
+                if tag is not None and entry.type == pafs.FileType.File:
+                    with checkpoint.filesystem.open_input_stream(entry.path) as stream:
                         pictures[tag] = stream.read()
         for tag, png in pictures.items():
             self.metrics_log.add_image(tag, png, step)
@@ -352,7 +357,7 @@ def printing_lines(lines: Queue) -> Iterator[None]:
 
 
 def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None:
-    """The checkpoint the workers will start from (`loop.resume_checkpoint`); a resume
+    """The checkpoint the workers will start from (`checkpoint.resume_checkpoint`); a resume
     setting that cannot work is refused before anything starts."""
     if cfg.train.resume == "never" and store.has_checkpoint_folders():
         raise ConfigError(
@@ -389,7 +394,7 @@ def forget_ray_checkpoint_list(store: CheckpointStore) -> None:
     """Delete the list of reported checkpoints that Ray Train keeps in the run folder. On a
     rerun Ray would offer the last one it lists, complete or not, and refuse to start at all
     once the reporter has pruned one it lists; the workers resume from the store's newest
-    complete checkpoint instead (`loop.resume_checkpoint`)."""
+    complete checkpoint instead (`checkpoint.resume_checkpoint`)."""
     store.delete_file(
         CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, "deleting Ray Train's list of checkpoints"
     )

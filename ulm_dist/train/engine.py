@@ -1,6 +1,5 @@
-"""DeepSpeed wiring: our `TrainConfig` -> a DeepSpeed config, the engine around a learner, its
-state saved into / loaded from a checkpoint folder, and a checkpoint's weights read back as
-a plain state dict.
+"""DeepSpeed wiring: our `TrainConfig` -> a DeepSpeed config, and the engine around a learner
+(what a checkpoint holds of it is in `checkpoint.py`).
 
 This is the one place that knows the ZeRO stage and the precision. The training loop only
 calls the engine (`engine(...)`, `backward`, `step`) and the helpers here, so it reads the
@@ -9,7 +8,6 @@ same whether the state is sharded or not.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,8 +18,6 @@ from ulm_dist.config import ConfigError, TrainConfig
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-# Sub-folder of a checkpoint that holds DeepSpeed's (possibly sharded) state.
-ENGINE_TAG = "engine"
 # DeepSpeed's own progress prints ("step=..., lr=...") would duplicate ours.
 _NEVER = 2**31 - 1
 
@@ -137,33 +133,3 @@ def collective_bytes() -> dict[str, int]:
         name: sum(size * record[0] for size, record in calls.items())  # record[0]: call count
         for name, calls in comm.comms_logger.comms_dict.items()
     }
-
-
-def save_engine_state(engine: DeepSpeedEngine, folder: Path) -> None:
-    """Each worker writes its share of weights, optimizer and LR-schedule state (collective)."""
-    engine.save_checkpoint(str(folder), tag=ENGINE_TAG, save_latest=False)
-
-
-def load_engine_state(engine: DeepSpeedEngine, folder: Path) -> None:
-    """Restore what `save_engine_state` wrote, with the same number of workers (collective)."""
-    loaded_from, _ = engine.load_checkpoint(str(folder), tag=ENGINE_TAG)
-    if loaded_from is None:
-        raise FileNotFoundError(
-            f"{folder}: expected DeepSpeed state in {folder / ENGINE_TAG}, found none; "
-            "is this a checkpoint written by ulm_dist.train?"
-        )
-
-
-def read_learner_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The learner's full fp32 state dict from a local checkpoint folder, without DeepSpeed's
-    runtime: sharded ZeRO state is gathered, bf16/fp16 weights come from the fp32 master copy.
-    Load it with `build_learner(...).load_state_dict(weights)`.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    engine_folder = Path(folder) / ENGINE_TAG
-    if any(engine_folder.glob("*optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_TAG)
-    # Without ZeRO (stage 0, fp32) the whole module sits in rank 0's model-states file.
-    states = torch.load(engine_folder / "mp_rank_00_model_states.pt", weights_only=False)
-    return states["module"]

@@ -21,14 +21,12 @@ without replaying what came before.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,36 +37,26 @@ import torch.distributed as dist
 
 from ulm_dist.config import Config, config_from_dict
 from ulm_dist.data import make_pair_loader
-from ulm_dist.deploy.trained import TRAIN_STATE_NAME
-from ulm_dist.evaluate.periodic import SHEET_FILES, load_validation_set, validate
+from ulm_dist.evaluate.periodic import load_validation_set, validate
 from ulm_dist.models import build_learner
-from ulm_dist.redaction import redacted_config
 from ulm_dist.storage import s3_options
-from ulm_dist.train.checkpoint import CheckpointStore, StoredCheckpoint
+from ulm_dist.train.checkpoint import (
+    CheckpointStore,
+    TrainState,
+    restore_checkpoint,
+    resume_checkpoint,
+    write_checkpoint,
+)
 from ulm_dist.train.engine import (
     build_engine,
     collective_bytes,
     collective_seconds,
     deepspeed_config,
     input_dtype,
-    load_engine_state,
     reset_collective_log,
-    save_engine_state,
 )
 
-RNG_FOLDER = "rng"
-RESUME_KEYWORDS = ("auto", "never")
-
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Where training stands beyond the engine's own state; the same on every worker."""
-
-    step: int = 0  # optimizer steps done
-    samples_seen: int = 0  # image pairs trained on, all workers together
-    skipped_total: int = 0  # bad samples the data loaders skipped, all workers together
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -96,7 +84,8 @@ def train_func(config: dict[str, Any]) -> None:
     state = TrainState()
     checkpoint = starting_checkpoint(cfg, store)
     if checkpoint is not None:
-        state = restore(engine, checkpoint, rank)
+        with checkpoint.as_directory() as folder:
+            state = restore_checkpoint(engine, Path(folder), rank)
 
     dtype = input_dtype(engine)
     micro_batch = engine.train_micro_batch_size_per_gpu()
@@ -165,16 +154,6 @@ def train_func(config: dict[str, Any]) -> None:
             inject_fault_once(store, state.step, rank, world_size)
 
 
-def resume_checkpoint(store: CheckpointStore, resume: str) -> StoredCheckpoint | None:
-    """The checkpoint a run starts from: its newest complete one, else the one `resume`
-    (`train.resume`) names while the run has none, else None (a fresh start). The driver
-    checks and announces it before the workers start; each worker then loads it."""
-    start = store.latest()
-    if start is None and resume not in RESUME_KEYWORDS:
-        start = store.open_checkpoint(resume)
-    return start
-
-
 def starting_checkpoint(cfg: Config, store: CheckpointStore) -> ray.train.Checkpoint | None:
     """`resume_checkpoint` as a Ray checkpoint. Ray offers, on a restart, the last checkpoint
     reported; the run's reporter marks it complete after Ray has registered it, so the store
@@ -205,16 +184,10 @@ def save_checkpoint(
 ) -> None:
     """Write this worker's part into a local temporary folder, then hand it to Ray, which
     uploads every worker's part into one folder of the store and registers it only once all
-    of them are there. `pictures`: PNGs by TensorBoard tag, kept by rank 0 (`SHEET_FILES`)."""
+    of them are there. `pictures`: PNGs by TensorBoard tag, kept by rank 0."""
     with tempfile.TemporaryDirectory(prefix="ulm_checkpoint_") as name:
         folder = Path(name)
-        save_engine_state(engine, folder)
-        (folder / RNG_FOLDER).mkdir()
-        torch.save(rng_states(), folder / RNG_FOLDER / f"rank_{rank:05d}.pt")
-        if rank == 0:
-            write_train_state(folder, state, cfg, world_size)
-            for tag, png in pictures.items():
-                (folder / SHEET_FILES[tag]).write_bytes(png)
+        write_checkpoint(folder, engine, state, cfg, rank, world_size, pictures)
         name = store.checkpoint_dir_name(state.step)
         # Ray uploads the folder within report(), through the store's filesystem.
         with store.named_errors(f"saving {name}"):
@@ -223,27 +196,6 @@ def save_checkpoint(
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=name,
             )
-
-
-def write_train_state(folder: Path, state: TrainState, cfg: Config, world_size: int) -> None:
-    """The checkpoint's `train_state.json`: where training stands, and the config that
-    `load_trained` rebuilds the learner from (URL credentials redacted: checkpoints are
-    copied and shared; the workers keep the real config)."""
-    saved = {**asdict(state), "world_size": world_size, "config": redacted_config(cfg)}
-    (folder / TRAIN_STATE_NAME).write_text(json.dumps(saved, indent=1))
-
-
-def restore(engine: Any, checkpoint: ray.train.Checkpoint, rank: int) -> TrainState:
-    with checkpoint.as_directory() as name:
-        folder = Path(name)
-        load_engine_state(engine, folder)
-        saved = json.loads((folder / TRAIN_STATE_NAME).read_text())
-        set_rng_states(torch.load(folder / RNG_FOLDER / f"rank_{rank:05d}.pt", weights_only=False))
-    return TrainState(
-        step=saved["step"],
-        samples_seen=saved["samples_seen"],
-        skipped_total=saved["skipped_total"],
-    )
 
 
 # What a micro-batch's `phase_marks` bound, in order: marks[k] to marks[k + 1] is PHASES[k].
@@ -404,22 +356,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_states() -> dict[str, Any]:
-    states = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])
