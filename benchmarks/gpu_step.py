@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
-from ulm_dist.train.engine import collective_bytes, deepspeed_config, reset_collective_log
+from ulm_dist.train.engine import deepspeed_config
+from ulm_dist.train.meters import DeepSpeedCollectives, collective_bytes
 
 # The local S3 server (and its free-port helper) is test tooling in tests/; benchmarks run
 # from a checkout, which has that folder.
@@ -169,7 +170,7 @@ def deepspeed_loop(cfg, pair, precision: str, zero: int, steps: int, warmup: int
     }
     # The logger makes each collective blocking, so it stays off while the steps are timed.
     deepspeed.comm.configure(enabled=True, prof_all=True)
-    reset_collective_log()
+    DeepSpeedCollectives().reset()
     engine.backward(engine(*inputs)["total"])
     engine.step()
     result["collective_bytes"] = collective_bytes()

@@ -15,7 +15,7 @@ The columns:
   preset, precision and per-worker batch in one process. With 2 workers it is also the
   scaling: 2.0 would be perfect.
 - step, data wait, forward, backward, optimizer, collectives (ms): medians of what each
-  worker's loop measures (loop.py's IntervalMeter), averaged over workers. Data wait is the
+  worker's loop measures (train/meters.py's IntervalMeter), averaged over workers. Data wait is the
   host time in `next(batches)`; forward, backward and optimizer are the engine's three calls
   (on a GPU, timed by CUDA events); collectives is the part of those three that DeepSpeed's
   collectives took, waiting for the slowest worker included (`train.time_collectives`, on in
@@ -65,7 +65,7 @@ import torch
 from benchmarks.data_throughput import loader_rate
 from benchmarks.train_overhead import plain_loop_rates, stack_records
 from ulm_dist.config import load_config
-from ulm_dist.train.worker import PHASES
+from ulm_dist.train.meters import PHASES
 
 QUICK = {
     "presets": ["tiny"],
