@@ -30,7 +30,7 @@ from ulm_dist.data import synthetic
 from ulm_dist.data.augment import AugmentOptions, View, warped_view
 from ulm_dist.data.image_folder import folder_items, load_items, read_landmark_table, split_items
 from ulm_dist.data.layouts import MAFL5, LandmarkLayout, ibug68_to_mafl5
-from ulm_dist.evaluate.pictures import evaluation_sheets
+from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
 from ulm_dist.evaluate.regression import (
     RegressionReport,
     landmark_regression,
@@ -105,8 +105,7 @@ def evaluate(learner, fit: Split, test: Split, layout: LandmarkLayout, size: int
         fit.landmarks,
         test_points,
         test.landmarks,
-        eye_left=layout.eye_left,
-        eye_right=layout.eye_right,
+        eyes=(layout.eye_left, layout.eye_right),
     )
     return report, fit_points, test_points
 
@@ -269,7 +268,7 @@ def write_results(
     }
     (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}))
-    shown = torch.arange(min(8, len(test)))
+    shown = torch.arange(min(SHOWN_IMAGES, len(test)))
     learner.eval()
     sheets = evaluation_sheets(
         learner.model.float(),

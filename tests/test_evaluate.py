@@ -58,8 +58,7 @@ def test_protocol_reports_zero_for_perfect_landmarks_and_the_mean_shape_baseline
         annotated[:40],
         annotated[40:],
         annotated[40:],
-        eye_left=(0,),
-        eye_right=(1,),
+        eyes=((0,), (1,)),
     )
     assert report.error == pytest.approx(0.0, abs=1e-3)
     assert report.reverse_error == pytest.approx(0.0, abs=1e-3)
@@ -79,8 +78,7 @@ def test_uninformative_landmarks_do_no_better_than_the_mean_shape():
         annotated[:300],
         noise[300:],
         annotated[300:],
-        eye_left=(0,),
-        eye_right=(1,),
+        eyes=((0,), (1,)),
         bias=True,
     )
     assert report.error > 0.95 * report.baseline_error

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from ulm_dist.config import load_config
-from ulm_dist.evaluate.pictures import cycle_sheet, draw_points, landmark_colours, regression_sheet
+from ulm_dist.evaluate.pictures import draw_points, landmark_colours, pair_sheet, regression_sheet
 from ulm_dist.models import CycleConsistencyModel
 
 
@@ -25,7 +25,8 @@ def test_sheets_have_one_row_per_image_and_a_column_per_picture():
     torch.manual_seed(0)
     model = CycleConsistencyModel(load_config().model)
     images = torch.rand(3, 3, 32, 32)
-    sheet = cycle_sheet(model, images, images.flip(0), scale=2)
+    name, sheet = pair_sheet(model, images, images.flip(0), scale=2)
+    assert name == "cycle_sheet"  # what the cycle model says it draws
     assert sheet.size == (6 * 64, 14 + 3 * 64)
     points = torch.rand(3, 5, 2) * 32
     sheet = regression_sheet(images, points, points, points, scale=2)

@@ -6,7 +6,7 @@ from small_learners import blobs, gradient_coverage, loss_history
 from small_learners import small_learner as build_small_learner
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.evaluate.pictures import generation_sheet
+from ulm_dist.evaluate.pictures import pair_sheet
 
 small_learner = partial(build_small_learner, "imm")
 
@@ -44,5 +44,6 @@ def test_training_on_a_fixed_pair_reduces_the_loss():
 
 def test_generation_sheet_shows_source_target_and_generated_per_pair():
     model = small_learner().model
-    sheet = generation_sheet(model, blobs(3, seed=7), blobs(3, seed=8), scale=2)
+    name, sheet = pair_sheet(model, blobs(3, seed=7), blobs(3, seed=8), scale=2)
+    assert name == "generation_sheet"
     assert sheet.size == (3 * 2 * 32, 14 + 3 * 2 * 32)

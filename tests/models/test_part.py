@@ -6,7 +6,7 @@ from small_learners import blobs, gradient_coverage, loss_history
 from small_learners import small_learner as build_small_learner
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.evaluate.pictures import evaluation_sheets, generation_sheet
+from ulm_dist.evaluate.pictures import evaluation_sheets, pair_sheet
 from ulm_dist.models.similarity import random_similarities, warp_images
 
 small_learner = partial(build_small_learner, "part")
@@ -82,7 +82,8 @@ def test_training_on_a_fixed_pair_reduces_the_loss():
 
 def test_the_evaluation_draws_the_part_swap_in_a_generation_sheet():
     model = small_learner().model
-    sheet = generation_sheet(model, blobs(3, seed=7), blobs(3, seed=8), scale=2)
+    name, sheet = pair_sheet(model, blobs(3, seed=7), blobs(3, seed=8), scale=2)
+    assert name == "generation_sheet"
     assert sheet.size == (3 * 2 * 32, 14 + 3 * 2 * 32)
     images, points = blobs(4, seed=9), torch.rand(4, 5, 2) * 32
     sheets = evaluation_sheets(model, images, points, points, points)

@@ -66,11 +66,8 @@ class _ShardStream(IterableDataset):
     ) -> None:
         if not shards.urls:
             raise ValueError("expected at least one shard URL, got none")
-        if with_landmarks and shards.summary is not None and shards.summary.num_landmarks == 0:
-            raise ValueError(
-                f"landmarks requested, but the {shards.summary.split!r} split has none "
-                f"({shards.summary.source}); point data.val at annotated shards"
-            )
+        if with_landmarks:
+            shards.require_landmarks("an annotated loader", "evaluation")
         self.shards = shards
         self.options = s3_options(data)
         self.image_size = image_size

@@ -39,6 +39,16 @@ class ShardSet:
             return None
         return sum(self.sample_counts[url] for url in self.urls)
 
+    def require_landmarks(self, where: str, purpose: str) -> None:
+        """Refuse shards whose manifest says they hold no landmarks; `where` names the
+        setting that gave them, `purpose` what needs the landmarks (in the ValueError)."""
+        if self.summary is not None and self.summary.num_landmarks == 0:
+            raise ValueError(
+                f"{where}: the {self.summary.split} split has no landmarks "
+                f"({self.summary.source}); {purpose} needs annotated shards "
+                "(python -m ulm_dist.data build --landmarks ...)"
+            )
+
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ShardSet:
         counts = {shard.url: shard.samples for shard in manifest.shards}

@@ -31,12 +31,13 @@ from torch import nn
 from ulm_dist.deploy import artifact
 from ulm_dist.deploy.artifact import ArtifactError, Regressor
 from ulm_dist.deploy.trained import TrainedModel, load_trained
+from ulm_dist.evaluate.regression import VAL_LANDMARK_ERROR
 from ulm_dist.redaction import redacted_config
 from ulm_dist.storage import S3Options, StorageError
 from ulm_dist.train.checkpoint import CHECKPOINT_PREFIX, CheckpointStore, StoredCheckpoint
 
-# Written into the completion marker by periodic validation; lower is better.
-SELECTION_METRIC = "val/landmark_error"
+# Written into the completion marker by periodic evaluation; lower is better.
+SELECTION_METRIC = VAL_LANDMARK_ERROR
 # Largest difference in normalised units allowed between the exported program and the model
 # it was exported from, on random images (float32 reassociation stays far below it).
 EXPORT_TOLERANCE = 1e-5

@@ -1,4 +1,4 @@
-"""`python -m ulm_dist.evaluate`: the landmark-regression protocol (evaluate.py) on a trained
+"""`python -m ulm_dist.evaluate`: the landmark-regression protocol (regression.py) on a trained
 checkpoint and an annotated data set.
 
     python -m ulm_dist.evaluate runs/demo/checkpoint_00000300 --data synthetic
@@ -30,18 +30,19 @@ import torch
 from tqdm import tqdm
 
 from ulm_dist.config import DataConfig
-from ulm_dist.data import S3AccessError, ShardSet, make_annotated_loader, resolve_shards
+from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
 from ulm_dist.deploy.trained import TrainedModel, load_trained
-from ulm_dist.evaluate.pictures import evaluation_sheets
-from ulm_dist.evaluate.regression import NORMALISERS, RegressionReport, landmark_regression
-from ulm_dist.models.landmarks import to_pixels
+from ulm_dist.evaluate.annotated import EvaluationError, annotated_batches, choose_eyes, detect
+from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
+from ulm_dist.evaluate.regression import (
+    LANDMARK_ERROR,
+    LANDMARK_ERROR_REVERSE,
+    MEAN_SHAPE_ERROR,
+    NORMALISERS,
+    RegressionReport,
+    landmark_regression,
+)
 from ulm_dist.storage import S3_SCHEME, S3Options, StorageError
-
-SHOWN_IMAGES = 8
-
-
-class EvaluationError(RuntimeError):
-    """Input the evaluation cannot use; the message says what to give instead."""
 
 
 @dataclass
@@ -135,21 +136,21 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
     if source_size != size:
         print(f"note: {source_size}px images are resized to {size}px, the model's image size")
 
-    fit = detect(trained, data, fit_shards, args.fit_split, args.batch_size, args.max_images)
-    test = detect(trained, data, test_shards, args.test_split, args.batch_size, args.max_images)
+    fit = detect_split(trained, data, fit_shards, args.fit_split, args.batch_size, args.max_images)
+    test = detect_split(
+        trained, data, test_shards, args.test_split, args.batch_size, args.max_images
+    )
     if fit.annotated.shape[1] != test.annotated.shape[1]:
         raise EvaluationError(
             f"--data {args.data}: the {args.fit_split} split has {fit.annotated.shape[1]} "
             f"landmarks per image, the {args.test_split} split {test.annotated.shape[1]}"
         )
-    eye_left, eye_right = eyes or (None, None)
     report = landmark_regression(
         fit.discovered,
         fit.annotated,
         test.discovered,
         test.annotated,
-        eye_left=eye_left,
-        eye_right=eye_right,
+        eyes=eyes,
         bias=args.bias,
         ridge=args.ridge,
     )
@@ -188,58 +189,36 @@ def resolve_split(data: DataConfig, spec: str, split: str, image_size: int) -> S
     """The annotated shards of one split, or an EvaluationError saying what is missing."""
     try:
         shards = resolve_shards(data, spec, split, image_size=image_size)
-    except ValueError as error:  # a manifest this version cannot read
+        shards.require_landmarks(f"--data {spec}", "evaluation")
+    except ValueError as error:  # a manifest this version cannot read, or no landmarks
         raise EvaluationError(str(error)) from error
-    if shards.summary is not None and shards.summary.num_landmarks == 0:
-        raise EvaluationError(
-            f"--data {spec}: the {split} split has no landmarks ({shards.summary.source}); "
-            "evaluation needs annotated shards (python -m ulm_dist.data build --landmarks ...)"
-        )
     return shards
 
 
-def choose_eyes(
-    shards: ShardSet, normaliser: str | None
-) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """The eye indices for the inter-ocular distance, or None for the bbox diagonal."""
-    layout = shards.summary.layout if shards.summary else None
-    if normaliser == "bbox-diagonal" or (normaliser is None and layout is None):
-        return None
-    if layout is None:
-        raise EvaluationError(
-            "--normaliser inter-ocular: the shards' manifest has no landmark layout naming the "
-            "eyes; use --normaliser bbox-diagonal, or rebuild the shards with --layout"
-        )
-    return layout.eye_left, layout.eye_right
-
-
-def detect(
+def detect_split(
     trained: TrainedModel,
     data: DataConfig,
     shards: ShardSet,
     split: str,
     batch_size: int,
-    max_images: int | None,
+    limit: int | None,
 ) -> Detections:
+    """The detector over at most `limit` images of one split, with a progress bar."""
     size = trained.config.model.image_size
     total = shards.total_samples
-    if max_images is not None:
-        total = min(total or max_images, max_images)
+    if limit is not None:
+        total = min(total or limit, limit)
     discovered, annotated, shown = [], [], []
     count = skipped = 0
-    bar = tqdm(total=total, unit="img", desc=f"detecting {split}")
-    with bar, torch.no_grad():
-        for batch in make_annotated_loader(data, shards, size, batch_size):
-            keep = len(batch["image"]) if max_images is None else max_images - count
-            images = batch["image"][:keep]
-            skipped += int(batch["skipped"])
-            discovered.append(to_pixels(trained.learner.landmarks(images).float(), size))
-            annotated.append(to_pixels(batch["landmarks"][:keep], size))
+    cpu = torch.device("cpu")
+    with tqdm(total=total, unit="img", desc=f"detecting {split}") as bar:
+        for images, landmarks, lost in annotated_batches(data, shards, size, batch_size, limit):
+            skipped += lost
+            discovered.append(detect(trained.learner, images, cpu, torch.float32))
+            annotated.append(landmarks)
             shown.append(images[: max(0, SHOWN_IMAGES - count)])
             count += len(images)
             bar.update(len(images))
-            if count == max_images:
-                break
     if count == 0:
         raise EvaluationError(
             f"the {split} split yielded no readable images ({skipped} corrupt samples skipped)"
@@ -298,9 +277,9 @@ def results_table(summary: dict[str, Any], per_landmark: list[dict[str, Any]]) -
         f"ridge {summary['ridge']:g}",
         "",
         f"error, % of the {normaliser[summary['normaliser']]}",
-        f"  discovered -> annotated  {summary['landmark_error']:8.2f}",
-        f"  annotated -> discovered  {summary['landmark_error_reverse']:8.2f}",
-        f"  mean-shape baseline      {summary['mean_shape_error']:8.2f}",
+        f"  discovered -> annotated  {summary[LANDMARK_ERROR]:8.2f}",
+        f"  annotated -> discovered  {summary[LANDMARK_ERROR_REVERSE]:8.2f}",
+        f"  mean-shape baseline      {summary[MEAN_SHAPE_ERROR]:8.2f}",
         "",
         "per annotated landmark",
     ]

@@ -1,4 +1,4 @@
-"""Pictures of what a landmark learner does: landmarks on images and the cycle's images.
+"""Pictures of what a landmark learner does: landmarks on images, and what it makes of pairs.
 
 Landmark k has the same colour in every picture, so consistency across images is visible at
 a glance. Everything works on uint8 HWC arrays and returns PIL images.
@@ -12,7 +12,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ulm_dist.models.cycle import CycleConsistencyModel
+from ulm_dist.models.landmarks import to_pixels
+
+# Images an evaluation's pictures show.
+SHOWN_IMAGES = 8
 
 
 def landmark_colours(count: int) -> list[tuple[int, int, int]]:
@@ -68,33 +71,31 @@ def grid(rows: list[list[Image.Image]], titles: list[str] | None = None) -> Imag
     return sheet
 
 
-def cycle_sheet(model, image_i: torch.Tensor, image_j: torch.Tensor, scale: int = 4) -> Image.Image:
-    """One row per pair: I_i and I_j with their landmarks, the swaps I_ij and I_ji with the
-    landmarks they should carry (p_j and p_i), and the cycle's reconstructions I_i', I_j'.
-
-    `model` is a `CycleConsistencyModel` (anything whose forward returns `CycleOutputs`).
-    """
+def pair_sheet(
+    model, image_i: torch.Tensor, image_j: torch.Tensor, scale: int = 4
+) -> tuple[str, Image.Image]:
+    """The sheet of what `model` makes of pairs, named after what it does (`cycle_sheet`,
+    `generation_sheet`): one row per pair, one column per view that `model.views` gives of it
+    (each model says what it can show: `models.learner.PairViews`), landmarks drawn where the
+    view has them."""
     with torch.no_grad():
-        out = model(image_i, image_j)
+        views = model.views(image_i, image_j)
     size = image_i.shape[-1]
-    p_i, p_j = ((p.float().cpu().numpy() + 1) * size / 2 for p in out.landmarks)
-    colours = landmark_colours(p_i.shape[1])
+    count = next(points.shape[1] for _, _, points in views.columns if points is not None)
+    colours = landmark_colours(count)
+    no_points = np.zeros((len(image_i), 0, 2))
     columns = [
-        (to_uint8(image_i), p_i),
-        (to_uint8(image_j), p_j),
-        (to_uint8(out.swapped[0]), p_j),
-        (to_uint8(out.swapped[1]), p_i),
-        (to_uint8(out.reconstructed[0]), None),
-        (to_uint8(out.reconstructed[1]), None),
+        (to_uint8(images), no_points if points is None else to_pixels(points.float().cpu(), size))
+        for _, images, points in views.columns
     ]
-    rows = []
-    for n in range(image_i.shape[0]):
-        row = []
-        for images, points in columns:
-            shown = points[n] if points is not None else np.zeros((0, 2))
-            row.append(draw_points(images[n], shown, colours, scale=scale))
-        rows.append(row)
-    return grid(rows, ["I_i", "I_j", "I_ij (p_j)", "I_ji (p_i)", "I_i'", "I_j'"])
+    rows = [
+        [
+            draw_points(images[n], np.asarray(points[n]), colours, scale=scale)
+            for images, points in columns
+        ]
+        for n in range(len(image_i))
+    ]
+    return f"{views.kind}_sheet", grid(rows, [title for title, _, _ in views.columns])
 
 
 def regression_sheet(
@@ -128,41 +129,15 @@ def evaluation_sheets(
     regressed: torch.Tensor,
     annotated: torch.Tensor,
 ) -> dict[str, Image.Image]:
-    """The pictures of an evaluation, by name: the regression sheet of `images` and the cycle
-    sheet of pairs of them (first half with second half; an image with itself if only one),
-    or for the other learners (imm, part), whose forward(source, target) redraws the target
-    from the source, their generation sheet of those pairs.
+    """The pictures of an evaluation, by name: the regression sheet of `images` and the
+    sheet of what the model makes of pairs of them (first half with second half; an image
+    with itself if only one), named after its kind (`cycle_sheet`, `generation_sheet`).
 
     `images` (B, 3, S, S) in the model's device and dtype; points in pixels, on the CPU.
     """
     half = max(1, len(images) // 2)
-    pair = images[:half], images[-half:]
-    sheets = {"regression_sheet": regression_sheet(images, discovered, regressed, annotated)}
-    if isinstance(model, CycleConsistencyModel):
-        sheets["cycle_sheet"] = cycle_sheet(model, *pair)
-    else:
-        sheets["generation_sheet"] = generation_sheet(model, *pair)
-    return sheets
-
-
-def generation_sheet(
-    model, source: torch.Tensor, target: torch.Tensor, scale: int = 4
-) -> Image.Image:
-    """One row per pair, for conditional generation: the source, the target with its
-    landmarks, and the source redrawn in the target's landmarks: from its feature map
-    (`ConditionalGenerationModel`) or its part appearances (`PartModel`, a shape/appearance
-    swap)."""
-    with torch.no_grad():
-        out = model(source, target)
-    size = source.shape[-1]
-    points = (out.landmarks.float().cpu().numpy() + 1) * size / 2
-    colours = landmark_colours(points.shape[1])
-    rows = [
-        [
-            draw_points(to_uint8(source)[n], np.zeros((0, 2)), colours, scale=scale),
-            draw_points(to_uint8(target)[n], points[n], colours, scale=scale),
-            draw_points(to_uint8(out.generated)[n], points[n], colours, scale=scale),
-        ]
-        for n in range(len(source))
-    ]
-    return grid(rows, ["source", "target (p)", "D(source, p)"])
+    name, pairs = pair_sheet(model, images[:half], images[-half:])
+    return {
+        "regression_sheet": regression_sheet(images, discovered, regressed, annotated),
+        name: pairs,
+    }

@@ -10,8 +10,9 @@ the training set's mean annotated shape for every image: a model must beat it by
 margin to have learned anything. Landmark layouts without eyes are normalised by the diagonal
 of the annotated points' bounding box instead.
 
-The command line, `python -m ulm_dist.evaluate CHECKPOINT --data ...`, is in
-`evaluation_cli.py`; periodic evaluation during training is in `validation.py`.
+The command line, `python -m ulm_dist.evaluate CHECKPOINT --data ...`, is in `command.py`;
+periodic evaluation during training is in `periodic.py`; both run the detector through
+`annotated.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from dataclasses import dataclass
 import torch
 
 NORMALISERS = ("inter-ocular", "bbox-diagonal")
+
+# The protocol's metrics; periodic evaluation reports them prefixed with VAL_PREFIX.
+LANDMARK_ERROR = "landmark_error"
+LANDMARK_ERROR_REVERSE = "landmark_error_reverse"
+MEAN_SHAPE_ERROR = "mean_shape_error"
+VAL_PREFIX = "val/"
+# What Ray Tune optimises and export selects checkpoints by; lower is better.
+VAL_LANDMARK_ERROR = VAL_PREFIX + LANDMARK_ERROR
 
 
 @dataclass
@@ -33,9 +42,9 @@ class RegressionReport:
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         return {
-            f"{prefix}landmark_error": self.error,
-            f"{prefix}landmark_error_reverse": self.reverse_error,
-            f"{prefix}mean_shape_error": self.baseline_error,
+            prefix + LANDMARK_ERROR: self.error,
+            prefix + LANDMARK_ERROR_REVERSE: self.reverse_error,
+            prefix + MEAN_SHAPE_ERROR: self.baseline_error,
         }
 
 
@@ -83,18 +92,17 @@ def landmark_regression(
     test_discovered: torch.Tensor,
     test_annotated: torch.Tensor,
     *,
-    eye_left: tuple[int, ...] | None = None,
-    eye_right: tuple[int, ...] | None = None,
+    eyes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     bias: bool = False,
     ridge: float = 0.0,
 ) -> RegressionReport:
     """The whole protocol on pixel coordinates: discovered (N, K, 2), annotated (N, L, 2).
-    Errors are normalised by the inter-ocular distance given the eye indices, else by the
-    bounding-box diagonal."""
+    Errors are normalised by the inter-ocular distance given the eye indices (left, right),
+    else by the bounding-box diagonal."""
     forward = fit_linear_map(train_discovered, train_annotated, bias=bias, ridge=ridge)
     predicted = apply_linear_map(forward, test_discovered, bias)
-    if eye_left is not None and eye_right is not None:
-        normaliser = inter_ocular_distance(test_annotated, eye_left, eye_right)
+    if eyes is not None:
+        normaliser = inter_ocular_distance(test_annotated, *eyes)
     else:
         normaliser = bounding_box_diagonal(test_annotated)
     errors = normalised_errors(predicted, test_annotated, normaliser)

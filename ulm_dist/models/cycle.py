@@ -40,7 +40,7 @@ import torch
 
 from ulm_dist.config import LossConfig, ModelConfig
 from ulm_dist.models.flow import CrossImageFlow, transform_points
-from ulm_dist.models.learner import Learner
+from ulm_dist.models.learner import Learner, PairViews
 from ulm_dist.models.losses import equivariance_loss, invariance_loss
 from ulm_dist.models.networks import PartAutoencoder, Pose
 from ulm_dist.models.priors import WarpedDetections
@@ -103,6 +103,23 @@ class CycleConsistencyModel(PartAutoencoder):
             reconstructed=tuple(reconstructed.split(n)),
             flows=self.flow(f_i, f_j),
             moved_landmarks=None if moved is None else pose.points[2 * n :],
+        )
+
+    def views(self, image_i: torch.Tensor, image_j: torch.Tensor) -> PairViews:
+        """I_i and I_j with their landmarks, the swaps I_ij and I_ji with the landmarks they
+        should carry (p_j and p_i), and the cycle's reconstructions I_i', I_j'."""
+        out = self(image_i, image_j)
+        p_i, p_j = out.landmarks
+        return PairViews(
+            "cycle",
+            [
+                ("I_i", image_i, p_i),
+                ("I_j", image_j, p_j),
+                ("I_ij (p_j)", out.swapped[0], p_j),
+                ("I_ji (p_i)", out.swapped[1], p_i),
+                ("I_i'", out.reconstructed[0], None),
+                ("I_j'", out.reconstructed[1], None),
+            ],
         )
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ulm_dist.config import LossConfig, ModelConfig
-from ulm_dist.models.learner import Learner
+from ulm_dist.models.learner import Learner, PairViews, generation_views
 from ulm_dist.models.networks import Encoder, HeatmapDecoder, Pose, PoseEncoder
 
 
@@ -55,6 +55,9 @@ class ConditionalGenerationModel(nn.Module):
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> GenerationOutputs:
         pose = self.pose_encoder(target)
         return GenerationOutputs(pose, self.decoder(self.appearance_encoder(source), pose.points))
+
+    def views(self, source: torch.Tensor, target: torch.Tensor) -> PairViews:
+        return generation_views(source, target, self(source, target))
 
 
 class ConditionalGenerationLearner(Learner):

@@ -8,6 +8,9 @@ are the same for all of them, here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -17,6 +20,36 @@ from ulm_dist.models.networks import Pose
 from ulm_dist.models.perceptual import compares_pixels, perceptual_network
 from ulm_dist.models.priors import WarpedDetections, landmark_priors, prior_weights
 from ulm_dist.models.similarity import RandomWarp, random_warps
+
+
+@dataclass
+class PairViews:
+    """What a model makes of a pair of images, for a reader to look at: `kind` names what it
+    does with the pair ("cycle", "generation"); each column has a title, images (B, 3, S, S)
+    in [0, 1] and the landmarks drawn on them, (B, K, 2) in [-1, 1], or None."""
+
+    kind: str
+    columns: list[tuple[str, torch.Tensor, torch.Tensor | None]]
+
+
+class GenerationOutputs(Protocol):
+    landmarks: torch.Tensor  # of the target: (B, K, 2)
+    generated: torch.Tensor  # the source redrawn in the target's landmarks: (B, 3, S, S)
+
+
+def generation_views(
+    source: torch.Tensor, target: torch.Tensor, out: GenerationOutputs
+) -> PairViews:
+    """The views of a model whose forward(source, target) redraws the source in the target's
+    landmarks (imm from its feature map, part from its part appearances)."""
+    return PairViews(
+        "generation",
+        [
+            ("source", source, None),
+            ("target (p)", target, out.landmarks),
+            ("D(source, p)", out.generated, out.landmarks),
+        ],
+    )
 
 
 class Learner(nn.Module):

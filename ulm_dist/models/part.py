@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ulm_dist.config import LossConfig, ModelConfig
-from ulm_dist.models.learner import Learner
+from ulm_dist.models.learner import Learner, PairViews, generation_views
 from ulm_dist.models.networks import PartAutoencoder
 
 
@@ -44,7 +44,7 @@ class PartOutputs:
 
 class PartModel(PartAutoencoder):
     """The part autoencoder without a flow head; `forward(source, target)` draws the target's
-    parts in the source's appearances (the `generation_sheet` picture)."""
+    parts in the source's appearances."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, flow_channels=0)
@@ -53,6 +53,10 @@ class PartModel(PartAutoencoder):
         appearance = self.encode(source)[1]
         points = self.landmarks(target)
         return PartOutputs(points, appearance, self.decode(appearance, points))
+
+    def views(self, source: torch.Tensor, target: torch.Tensor) -> PairViews:
+        """The part swap: the target's parts in the source's appearances."""
+        return generation_views(source, target, self(source, target))
 
 
 class PartLearner(Learner):

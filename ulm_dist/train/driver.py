@@ -41,6 +41,7 @@ from ray.util.queue import Queue
 
 from ulm_dist.config import Config, ConfigError, load_config
 from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
+from ulm_dist.evaluate.regression import VAL_LANDMARK_ERROR, VAL_PREFIX
 from ulm_dist.models.perceptual import PerceptualWeightsError, imagenet_vgg16_weights
 from ulm_dist.redaction import print_redacted, redacted_config
 from ulm_dist.storage import StorageError, s3_options
@@ -54,8 +55,6 @@ from ulm_dist.train.checkpoint import (
 from ulm_dist.train.engine import check_precision, resolve_precision
 from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
 from ulm_dist.train.worker import train_func
-
-VAL_PREFIX = "val/"
 
 # What shells report for a command ended by SIGINT (128 + 2).
 INTERRUPTED_EXIT_CODE = 130
@@ -159,7 +158,7 @@ def train(
         every = cfg.train.eval_every or cfg.train.checkpoint_every
         print_redacted(
             f"evaluating on {cfg.data.val_spec()} (val split, {cfg.train.eval_samples} images) "
-            f"every {every} steps: val/landmark_error"
+            f"every {every} steps: {VAL_LANDMARK_ERROR}"
         )
     try:
         with printing_lines(lines):
@@ -477,12 +476,10 @@ def prepare_val_data(cfg: Config) -> ShardSet | None:
     if spec is None:
         return None
     shards = checked_shards(cfg, spec, "val", "data.val")
-    if shards.summary is not None and shards.summary.num_landmarks == 0:
-        raise ConfigError(
-            f"data.val: {spec} has no landmarks ({shards.summary.source}); periodic evaluation "
-            "needs annotated shards (python -m ulm_dist.data build --landmarks ...), or set "
-            "data.val=null"
-        )
+    try:
+        shards.require_landmarks(f"data.val={spec}", "periodic evaluation")
+    except ValueError as error:
+        raise ConfigError(f"{error}; or set data.val=null") from error
     return shards
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ulm_dist.evaluate.regression import MEAN_SHAPE_ERROR, VAL_LANDMARK_ERROR, VAL_PREFIX
+
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_NAME = "tensorboard"
 
@@ -92,10 +94,10 @@ def progress_line(record: dict[str, Any], total_steps: int) -> str:
         f"({record['throughput/pairs_per_s_per_worker']:.1f}/worker)",
         f"data wait {100 * record['time/data_wait_s'] / step_time:.0f}%",
     ]
-    if "val/landmark_error" in record:
+    if VAL_LANDMARK_ERROR in record:
         parts.append(
-            f"val error {record['val/landmark_error']:.2f}% "
-            f"(mean shape {record['val/mean_shape_error']:.2f}%)"
+            f"val error {record[VAL_LANDMARK_ERROR]:.2f}% "
+            f"(mean shape {record[VAL_PREFIX + MEAN_SHAPE_ERROR]:.2f}%)"
         )
     if record["data/skipped"]:
         parts.append(f"skipped {record['data/skipped']}")

@@ -24,6 +24,7 @@ from ulm_dist.config import (
     option,
     read_yaml_mapping,
 )
+from ulm_dist.evaluate.regression import VAL_LANDMARK_ERROR
 
 # Fields the sweep sets for every trial itself: each trial is its own run in the sweep's folders.
 SWEEP_OWNED = ("train.run_name", "train.storage", "train.log_dir", "train.resume")
@@ -83,7 +84,7 @@ class SweepConfig:
     overrides: list[str] = option(
         [], "section.key=value changes to the base job for every trial (as on train's CLI)"
     )
-    metric: str = option("val/landmark_error", "reported metric that ranks the trials")
+    metric: str = option(VAL_LANDMARK_ERROR, "reported metric that ranks the trials")
     mode: Literal["min", "max"] = option("min", "min: lower metric is better; max: higher")
     storage: str = option(
         "runs/sweeps",
