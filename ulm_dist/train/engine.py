@@ -61,7 +61,7 @@ def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dic
         },
         "scheduler": lr_scheduler(train),
         "steps_per_print": _NEVER,
-        # DeepSpeed's own timing of each collective, read by `collective_seconds`.
+        # DeepSpeed's own timing of each collective, read by `meters.DeepSpeedCollectives`.
         "comms_logger": {"enabled": train.time_collectives, "prof_all": True, "verbose": False},
     }
 
@@ -98,38 +98,3 @@ def input_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     model_dtype, _ = engine.get_data_types()
     return model_dtype
 
-
-def reset_collective_log() -> None:
-    """Start timing DeepSpeed's collectives afresh (`train.time_collectives`)."""
-    from deepspeed.comm import comm
-
-    # The logger keeps a record of every call for the whole run, which nothing here reads.
-    comm.reset_log()
-    # The logger keeps one timer per kind of collective and never resets it (each call's
-    # recorded latency is that timer's running total); reset here, a timer's total is the
-    # time its collectives took since this call.
-    for timer in comm.timers.get_timers().values():
-        timer.reset()
-
-
-def collective_seconds() -> float:
-    """Seconds this worker spent in DeepSpeed's collectives since `reset_collective_log`, as
-    DeepSpeed's comms logger timed them (it waits for each to finish, so on a GPU they no
-    longer overlap with compute)."""
-    from deepspeed.comm import comm
-
-    timers = comm.timers.get_timers().values()
-    return sum(timer.elapsed(reset=False) for timer in timers) / 1e3  # ms
-
-
-def collective_bytes() -> dict[str, int]:
-    """Bytes this worker handed to each kind of DeepSpeed collective since
-    `reset_collective_log`, summed over calls: the sizes of the tensors DeepSpeed passed in
-    (for reduce-scatter the whole input, for all-gather this worker's shard), not the bytes a
-    ring algorithm puts on the wire."""
-    from deepspeed.comm import comm
-
-    return {
-        name: sum(size * record[0] for size, record in calls.items())  # record[0]: call count
-        for name, calls in comm.comms_logger.comms_dict.items()
-    }

@@ -30,7 +30,8 @@ class DeepSpeedCollectives:
 
     def reset(self) -> None:
         """Start timing afresh: only what follows counts."""
-        from deepspeed.comm import comm  # only where the engine, and so DeepSpeed, runs
+        # Imported on use, as everywhere: importing DeepSpeed probes for an accelerator.
+        from deepspeed.comm import comm
 
         # The logger keeps a record of every call for the whole run, which nothing here reads.
         comm.reset_log()
