@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ulm_dist.config import DataConfig
-from ulm_dist.data import make_pair_loader, resolve_shards, synthetic
+from ulm_dist.data import make_pair_loader, prepare_shards, synthetic
 from ulm_dist.data.build import WriteOptions, build_synthetic
 from ulm_dist.storage import S3Options, s3_client
 
@@ -63,7 +63,7 @@ def build_rate(dest: str, samples: int, size: int, write: WriteOptions) -> float
 
 def loader_rate(data: DataConfig, spec: str, size: int, samples: int, batch: int) -> float:
     """Pairs per wall second of one pair loader over `samples` pairs, start-up excluded."""
-    shards = resolve_shards(data, spec, "train", image_size=size)
+    shards = prepare_shards(data, spec, "train", image_size=size)
     loader = make_pair_loader(
         data, shards, size, batch, rank=0, world_size=1, seed=0, epoch_samples=samples
     )

@@ -27,7 +27,7 @@ import ray
 import torch
 
 from ulm_dist.config import Config, load_config
-from ulm_dist.data import make_pair_loader, resolve_shards
+from ulm_dist.data import make_pair_loader, prepare_shards
 from ulm_dist.models import build_learner
 from ulm_dist.train.driver import train
 from ulm_dist.train.metrics_log import MetricsLog
@@ -53,7 +53,7 @@ def plain_loop_rates(
     autocast = torch.autocast(
         torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"
     )
-    shards = resolve_shards(cfg.data, cfg.data.train, "train", image_size=cfg.model.image_size)
+    shards = prepare_shards(cfg.data, cfg.data.train, "train", image_size=cfg.model.image_size)
     loader = make_pair_loader(
         cfg.data, shards, cfg.model.image_size, micro_batch, rank=0, world_size=1, seed=0
     )

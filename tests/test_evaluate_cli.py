@@ -21,7 +21,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ulm_dist.config import load_config
-from ulm_dist.data import make_annotated_loader, resolve_shards
+from ulm_dist.data import make_annotated_loader, prepare_shards
 from ulm_dist.data.build import WriteOptions, build_from_folder, build_synthetic
 from ulm_dist.evaluate.command import main
 from ulm_dist.models.landmarks import to_pixels
@@ -145,7 +145,7 @@ def test_evaluate_writes_results_that_agree_with_the_table_and_the_annotations(
 
 def annotations(cfg, split: str) -> torch.Tensor:
     size = cfg.model.image_size
-    shards = resolve_shards(cfg.data, "synthetic", split, image_size=size)
+    shards = prepare_shards(cfg.data, "synthetic", split, image_size=size)
     batches = make_annotated_loader(cfg.data, shards, size, batch_size=100)
     return torch.cat([to_pixels(batch["landmarks"], size) for batch in batches])
 
@@ -213,7 +213,7 @@ def test_bad_input_is_one_clear_line(case, message, run, local_checkpoint, tmp_p
     if case == "not_a_checkpoint":
         checkpoint, data = str(tmp_path), "synthetic"
     elif case == "a_split_folder":
-        data = str(resolve_shards(run[0].data, "synthetic", "test", image_size=16).urls[0])
+        data = str(prepare_shards(run[0].data, "synthetic", "test", image_size=16).urls[0])
         data = str(Path(data).parent)
     elif case == "unannotated":
         data = str(unannotated_shards(tmp_path))

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ulm_dist.config import load_config
-from ulm_dist.data import resolve_shards
+from ulm_dist.data import prepare_shards
 from ulm_dist.evaluate.periodic import load_validation_set, validate
 from ulm_dist.models import build_learner
 from ulm_dist.train.checkpoint import picture_file, picture_tag
@@ -19,7 +19,7 @@ def test_validation_reports_the_protocol_on_the_val_split(tmp_path, tiny_model_o
     cfg = load_config(None, [*tiny_model_overrides, f"data.cache_dir={tmp_path}"])
     assert cfg.data.val_spec() == "synthetic"
     size = cfg.model.image_size
-    shards = resolve_shards(cfg.data, "synthetic", "val", image_size=size)
+    shards = prepare_shards(cfg.data, "synthetic", "val", image_size=size)
     val = load_validation_set(cfg.data, shards, size, samples=20)
     assert val.images.shape == (20, 3, size, size)
     assert val.eyes == ((0,), (1,))  # the synthetic layout's eyes

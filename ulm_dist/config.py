@@ -90,6 +90,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The VGG-16 layers loss.perceptual_layers may name: the ReLU after each convolution of
+# torchvision's `vgg16().features`, relu<block>_<conv>, in order (models/perceptual.py builds
+# the network from these names).
+VGG16_LAYERS = tuple(
+    f"relu{block}_{conv}"
+    for block, convs in enumerate((2, 2, 3, 3, 3), 1)
+    for conv in range(1, convs + 1)
+)
+
+
 @dataclass
 class LossConfig:
     lambda_cycle: float = option(1.0, "weight of the perceptual cycle loss L_cycle", min=0)
@@ -159,8 +169,6 @@ class LossConfig:
     )
 
     def validate(self) -> None:
-        from ulm_dist.models.perceptual import VGG16_LAYERS
-
         allowed = {"pixels", *VGG16_LAYERS}
         bad = [name for name in self.perceptual_layers if name not in allowed]
         if bad or not self.perceptual_layers:

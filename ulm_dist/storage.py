@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import boto3
 import boto3.exceptions
@@ -42,10 +42,8 @@ import botocore.exceptions
 import pyarrow.fs as pafs
 from boto3.s3.transfer import TransferConfig
 
+from ulm_dist.config import DataConfig
 from ulm_dist.redaction import redact_url
-
-if TYPE_CHECKING:
-    from ulm_dist.config import DataConfig
 
 S3_SCHEME = "s3://"
 

@@ -13,6 +13,7 @@ from ulm_dist.config import DataConfig
 from ulm_dist.data import (
     ensure_synthetic_dataset,
     make_annotated_loader,
+    prepare_shards,
     read_manifest,
     resolve_shards,
 )
@@ -199,7 +200,7 @@ def test_ensure_synthetic_dataset_builds_once(tmp_path):
 
 def test_resolve_synthetic_spec_and_shard_patterns(tmp_path):
     data = DataConfig(cache_dir=str(tmp_path / "cache"), synthetic_samples=16)
-    synthetic = resolve_shards(data, "synthetic", "val", image_size=16)
+    synthetic = prepare_shards(data, "synthetic", "val", image_size=16)
     assert synthetic.summary.split == "val" and synthetic.total_samples == 64
     folder = synthetic.urls[0].rsplit("/", 1)[0]
     pattern = resolve_shards(data, f"{folder}/val-{{000000..000001}}.tar", "train", image_size=16)

@@ -10,7 +10,8 @@ Loaders return landmarks normalised to [-1, 1]: u = 2 x / W - 1, as `grid_sample
 align_corners=False reads them.
 
 Driver and workers use:
-- `resolve_shards(data, spec, split, image_size=...)` -> `ShardSet` (may build the synthetic set);
+- `prepare_shards(data, spec, split, image_size=...)` -> `ShardSet`, generating the synthetic
+  set first if asked for it (on the driver); `resolve_shards(...)` only reads;
 - `ensure_synthetic_dataset(cache_dir, num_samples, image_size, seed)` -> folder of splits;
 - `make_pair_loader(...)`: training pairs; `make_annotated_loader(...)`: evaluation images.
 Command line: `python -m ulm_dist.data {build,synth,info} ...` (see `__main__.py`).
@@ -34,6 +35,7 @@ _EXPORTS = {
     "make_annotated_loader": "ulm_dist.data.loaders",
     "make_pair_loader": "ulm_dist.data.loaders",
     "read_manifest": "ulm_dist.data.manifest",
+    "prepare_shards": "ulm_dist.data.build",
     "resolve_shards": "ulm_dist.data.resolve",
 }
 __all__ = [
@@ -46,12 +48,13 @@ __all__ = [
     "ensure_synthetic_dataset",
     "make_annotated_loader",
     "make_pair_loader",
+    "prepare_shards",
     "read_manifest",
     "resolve_shards",
 ]
 
 if TYPE_CHECKING:
-    from ulm_dist.data.build import ensure_synthetic_dataset
+    from ulm_dist.data.build import ensure_synthetic_dataset, prepare_shards
     from ulm_dist.data.loaders import EpochLoader, make_annotated_loader, make_pair_loader
     from ulm_dist.data.manifest import DatasetSummary, Manifest, read_manifest
     from ulm_dist.data.resolve import ShardSet, resolve_shards

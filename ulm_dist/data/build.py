@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ulm_dist import storage
+from ulm_dist.config import DataConfig
 from ulm_dist.data import synthetic
 from ulm_dist.data.image_folder import (
     LandmarkTable,
@@ -30,6 +31,7 @@ from ulm_dist.data.image_folder import (
 )
 from ulm_dist.data.layouts import LandmarkLayout, LandmarkReduction
 from ulm_dist.data.manifest import MANIFEST_NAME, DatasetSummary, Manifest, write_manifest
+from ulm_dist.data.resolve import ShardSet, resolve_shards
 from ulm_dist.data.shards import Encoding, Sample, ShardJob, samples_per_shard, write_shards
 from ulm_dist.storage import S3Options
 
@@ -205,6 +207,16 @@ def synthetic_shard_samples(train_samples: int) -> int:
     return max(16, min(1000, math.ceil(train_samples / 8)))
 
 
+def prepare_shards(data: DataConfig, spec: str, split: str, *, image_size: int) -> ShardSet:
+    """`resolve_shards`, with the synthetic set generated first when `spec` is `synthetic`.
+    For the driver and the commands, before any worker reads it from `data.cache_dir`."""
+    if spec == "synthetic":
+        ensure_synthetic_dataset(
+            data.cache_dir, data.synthetic_samples, image_size, data.synthetic_seed
+        )
+    return resolve_shards(data, spec, split, image_size=image_size)
+
+
 def ensure_synthetic_dataset(
     cache_dir: str | Path, num_samples: int, image_size: int, seed: int = 0
 ) -> Path:
@@ -215,9 +227,7 @@ def ensure_synthetic_dataset(
     caller wait for the first instead of building it twice.
     """
     cache_dir = Path(cache_dir)
-    folder = cache_dir / (
-        f"synthetic-v{synthetic.GENERATOR_VERSION}-n{num_samples}-s{image_size}-seed{seed}"
-    )
+    folder = synthetic.dataset_folder(cache_dir, num_samples, image_size, seed)
     if (folder / "train" / MANIFEST_NAME).is_file():
         return folder
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,15 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ulm_dist import storage
-from ulm_dist.data.shards import LANDMARKS_FIELD
 from ulm_dist.storage import S3AccessError, S3Options
 
 log = logging.getLogger(__name__)
 
+# A sample's members are `{key}.{field}` (see `ulm_dist/data/__init__.py`); the writer
+# (`shards.py`) names them with these.
 IMAGE_FIELDS = ("jpg", "jpeg", "png")
+LANDMARKS_FIELD = "landmarks.npy"
+METADATA_FIELD = "json"
 T = TypeVar("T")
 
 

@@ -1,7 +1,8 @@
 """From `DataConfig.train` / `.val` to the shards to read (`ShardSet`).
 
 A data spec is one of:
-- `synthetic`: the generated set (built on first use under `data.cache_dir`);
+- `synthetic`: the generated set under `data.cache_dir` (`build.prepare_shards` generates it on
+  first use; this module only reads);
 - a folder or `s3://bucket/prefix` holding `manifest.parquet`, or holding one split folder per
   split (`train/`, `val/`, `test/`, as `python -m ulm_dist.data build` writes them), from which
   the requested split is taken;
@@ -19,7 +20,7 @@ import braceexpand
 
 from ulm_dist import storage
 from ulm_dist.config import DataConfig
-from ulm_dist.data.build import ensure_synthetic_dataset
+from ulm_dist.data import synthetic
 from ulm_dist.data.manifest import MANIFEST_NAME, DatasetSummary, Manifest, read_manifest
 from ulm_dist.storage import S3Options, s3_options
 
@@ -57,14 +58,20 @@ class ShardSet:
 
 def resolve_shards(data: DataConfig, spec: str, split: str, *, image_size: int) -> ShardSet:
     """The shards `spec` names (see the module docstring); `split` picks a split folder of a
-    data set root and of the synthetic set. Call it on the driver: for `synthetic` it may
-    generate the set, which workers then read from `data.cache_dir`."""
+    data set root and of the synthetic set, which must have been generated
+    (`build.prepare_shards` does that first)."""
     options = s3_options(data)
     if spec == "synthetic":
-        folder = ensure_synthetic_dataset(
+        folder = synthetic.dataset_folder(
             data.cache_dir, data.synthetic_samples, image_size, data.synthetic_seed
         )
-        return ShardSet.from_manifest(read_manifest(str(folder / split), options))
+        try:
+            return ShardSet.from_manifest(read_manifest(str(folder / split), options))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"data spec 'synthetic': {folder} holds no {split} split; generate the set "
+                "first (ulm_dist.data.prepare_shards, or `python -m ulm_dist.data synth`)"
+            ) from error
     if "{" in spec or spec.endswith(".tar"):
         return _from_pattern(spec, options)
     for folder in (spec, storage.join(spec, split)):

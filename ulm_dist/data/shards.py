@@ -25,10 +25,9 @@ from tqdm import tqdm
 
 from ulm_dist import storage
 from ulm_dist.data.manifest import ShardInfo
+from ulm_dist.data.reader import LANDMARKS_FIELD, METADATA_FIELD
 from ulm_dist.storage import S3Options
 
-LANDMARKS_FIELD = "landmarks.npy"
-METADATA_FIELD = "json"
 _TAR_BLOCK = 512
 
 

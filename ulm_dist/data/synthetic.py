@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -96,6 +97,13 @@ class _Scene:
     gradient: np.ndarray  # (N, 2): direction of the background's colour gradient
     background: np.ndarray  # (N, 2, 3): the gradient's end colours
     light: np.ndarray  # (N, 2): slope of the multiplicative lighting gradient
+
+
+def dataset_folder(cache_dir: str | Path, num_samples: int, image_size: int, seed: int) -> Path:
+    """Where the synthetic set of these settings lives under `cache_dir` (`data.cache_dir`):
+    one folder per generator version, size, image size and seed."""
+    name = f"synthetic-v{GENERATOR_VERSION}-n{num_samples}-s{image_size}-seed{seed}"
+    return Path(cache_dir) / name
 
 
 def generate(count: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

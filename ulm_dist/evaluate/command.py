@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ulm_dist.config import DataConfig
-from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
+from ulm_dist.data import S3AccessError, ShardSet, prepare_shards
 from ulm_dist.deploy.trained import TrainedModel, load_trained
 from ulm_dist.evaluate.annotated import EvaluationError, annotated_batches, choose_eyes, detect
 from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
@@ -188,7 +188,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
 def resolve_split(data: DataConfig, spec: str, split: str, image_size: int) -> ShardSet:
     """The annotated shards of one split, or an EvaluationError saying what is missing."""
     try:
-        shards = resolve_shards(data, spec, split, image_size=image_size)
+        shards = prepare_shards(data, spec, split, image_size=image_size)
         shards.require_landmarks(f"--data {spec}", "evaluation")
     except ValueError as error:  # a manifest this version cannot read, or no landmarks
         raise EvaluationError(str(error)) from error

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ulm_dist.config import LossConfig
+from ulm_dist.config import VGG16_LAYERS, LossConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,10 @@ FETCH_COMMAND = "python -m ulm_dist.fetch_weights"
 # name-<hex>.ext, as torch.hub.HASH_REGEX reads it.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.")
 
-# (name, out_channels) per conv; "M" is a 2x2 max-pool. Each conv is followed by its ReLU.
-_VGG16_PLAN = [
-    ("1_1", 64), ("1_2", 64), "M",
-    ("2_1", 128), ("2_2", 128), "M",
-    ("3_1", 256), ("3_2", 256), ("3_3", 256), "M",
-    ("4_1", 512), ("4_2", 512), ("4_3", 512), "M",
-    ("5_1", 512), ("5_2", 512), ("5_3", 512),
-]  # fmt: skip
-VGG16_LAYERS = tuple(f"relu{item[0]}" for item in _VGG16_PLAN if item != "M")
+# Output channels of the convolutions of each block (config.VGG16_LAYERS names them
+# relu<block>_<conv>). Each conv is followed by its ReLU; a 2x2 max-pool ends every block
+# but the last.
+_BLOCK_WIDTHS = {"1": 64, "2": 128, "3": 256, "4": 512, "5": 512}
 
 # torchvision's ImageNet preprocessing, which the pretrained weights expect.
 _MEAN = (0.485, 0.456, 0.406)
@@ -77,17 +72,15 @@ class VGG16Features(nn.Module):
                 f"expected VGG-16 layers from {VGG16_LAYERS}, got {sorted(unknown) or '[]'}"
             )
         deepest = max(VGG16_LAYERS.index(name) for name in layers)
-        modules, self._taps, previous = [], {}, 3
-        for item in _VGG16_PLAN:
-            if item == "M":
+        modules, self._taps, channels, previous_block = [], {}, 3, "1"
+        for layer in VGG16_LAYERS[: deepest + 1]:
+            block = layer.removeprefix("relu").partition("_")[0]
+            if block != previous_block:
                 modules.append(nn.MaxPool2d(2))
-                continue
-            name, width = item
-            modules += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(inplace=False)]
-            self._taps[len(modules) - 1] = f"relu{name}"
-            previous = width
-            if VGG16_LAYERS.index(f"relu{name}") == deepest:
-                break
+            width = _BLOCK_WIDTHS[block]
+            modules += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=False)]
+            self._taps[len(modules) - 1] = layer
+            channels, previous_block = width, block
         self.features = nn.Sequential(*modules)
         self.layers = list(layers)
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)

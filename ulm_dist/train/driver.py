@@ -40,7 +40,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from ulm_dist.config import Config, ConfigError, load_config
-from ulm_dist.data import S3AccessError, ShardSet, resolve_shards
+from ulm_dist.data import S3AccessError, ShardSet, prepare_shards
 from ulm_dist.evaluate.regression import VAL_LANDMARK_ERROR, VAL_PREFIX
 from ulm_dist.models.perceptual import PerceptualWeightsError, imagenet_vgg16_weights
 from ulm_dist.redaction import print_redacted, redacted_config
@@ -501,6 +501,6 @@ def checked_shards(cfg: Config, spec: str, split: str, field: str) -> ShardSet:
     missing bucket, an endpoint that does not answer) is a ConfigError naming `field`: on the
     workers it would fail every restart the same way, train.max_failures times over."""
     try:
-        return resolve_shards(cfg.data, spec, split, image_size=cfg.model.image_size)
+        return prepare_shards(cfg.data, spec, split, image_size=cfg.model.image_size)
     except (FileNotFoundError, ValueError, S3AccessError) as error:
         raise ConfigError(f"{field}: {error}") from error

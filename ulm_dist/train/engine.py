@@ -97,4 +97,3 @@ def input_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     """The dtype the engine's weights are in, which its inputs must match."""
     model_dtype, _ = engine.get_data_types()
     return model_dtype
-
