@@ -40,13 +40,13 @@ from ulm_dist.deploy.export import export as export_artifact
 from ulm_dist.deploy.trained import load_trained
 from ulm_dist.redaction import print_redacted
 from ulm_dist.storage import S3Options, StorageError, StorageFolder, s3_options
-from ulm_dist.train.driver import (
+from ulm_dist.train.driver import train
+from ulm_dist.train.preflight import (
     check_perceptual_weights,
     choose_device,
     choose_precision,
     prepare_data,
     start_ray,
-    train,
 )
 from ulm_dist.tune.config import SweepConfig, load_sweep_config
 from ulm_dist.tune.results import SweepResults, collect_results
