@@ -95,3 +95,10 @@ def test_a_config_file_that_cannot_be_read_is_named(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match=f"{binary}: cannot read it as a YAML text file"):
         load_config(binary)
+
+
+def test_debug_switches_live_in_their_own_section():
+    assert load_config().debug.fail_at_step is None
+    assert load_config(None, ["debug.fail_at_step=3"]).debug.fail_at_step == 3
+    with pytest.raises(ConfigError, match=r"train.fail_at_step: moved to debug.fail_at_step"):
+        load_config(None, ["train.fail_at_step=3"])

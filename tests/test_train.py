@@ -202,7 +202,7 @@ def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp
     assert main([*base, "train.run_name=straight"]) == 0
 
     # Killed after its checkpoint at step 3 with no restarts allowed: the run fails...
-    interrupted = [*base, "train.run_name=interrupted", "train.fail_at_step=3", "--resume=auto"]
+    interrupted = [*base, "train.run_name=interrupted", "debug.fail_at_step=3", "--resume=auto"]
     assert main([*interrupted, "train.max_failures=0"]) == 1
     # ... and the same command again continues it from that checkpoint to step 6.
     assert main(interrupted) == 0

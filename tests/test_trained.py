@@ -87,3 +87,16 @@ def test_a_checkpoint_from_before_batch_norm_loads_with_the_group_norm_it_traine
     assert trained.config.model.norm == "group"
     assert trained.config.loss.recon_appearance == "same"
     assert trained.config.train.lr_schedule == "cosine"
+
+
+def test_a_checkpoint_saved_with_train_fail_at_step_loads_it_as_debug_fail_at_step(
+    tmp_path, no_weights_anywhere
+):
+    config = load_config(None, SMALL)
+    state = build_learner(config.model, config.loss).state_dict()
+    raw = config.to_dict()
+    del raw["debug"]  # saved before the debug section existed, with the switch in train
+    raw["train"]["fail_at_step"] = 6
+    trained = load_trained(write_checkpoint(tmp_path, raw, state))
+    assert trained.config.debug.fail_at_step == 6
+    assert trained.step == 10

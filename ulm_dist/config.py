@@ -332,12 +332,6 @@ class TrainConfig:
         "which waits for each one to finish: on GPUs communication then stops overlapping "
         "with compute, so leave it off outside benchmarks",
     )
-    fail_at_step: int | None = option(
-        None,
-        "fault injection for tests: the last worker exits once, after this step's reports are "
-        "registered (a marker in the run folder stops it firing again)",
-        min=1,
-    )
 
     def validate(self) -> None:
         check_folder_name(self.run_name, "train.run_name")
@@ -353,11 +347,29 @@ class TrainConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Switches for tests and debugging, not for training runs."""
+
+    fail_at_step: int | None = option(
+        None,
+        "fault injection: the last worker exits once, after this step's reports are "
+        "registered (a marker in the run folder stops it firing again)",
+        min=1,
+    )
+
+
+# Keys that moved, by their old dotted name: a config naming one is refused with the new
+# name; a saved one is read at the new place (deploy/trained.py).
+MOVED_KEYS = {"train.fail_at_step": "debug.fail_at_step"}
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
@@ -453,6 +465,9 @@ def build_section(cls: type, raw: Any, path: str) -> Any:
     unknown = sorted(set(raw) - set(known))
     if unknown:
         where = f"{path}." if path else ""
+        moved = MOVED_KEYS.get(f"{where}{unknown[0]}")
+        if moved is not None:
+            raise ConfigError(f"{where}{unknown[0]}: moved to {moved}; set that instead")
         raise ConfigError(
             f"unknown config key {where}{unknown[0]}; known keys here: {sorted(known)}"
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ulm_dist.config import Config, LossConfig, config_from_dict
+from ulm_dist.config import MOVED_KEYS, Config, LossConfig, config_from_dict
 from ulm_dist.models import build_learner
 from ulm_dist.storage import S3Options
 from ulm_dist.train.checkpoint import local_copy, read_learner_weights, read_train_state
@@ -56,8 +56,12 @@ FIELDS_ADDED_LATER: dict[tuple[str, str], Any] = {
 def as_saved_run_trained(raw: dict[str, Any]) -> dict[str, Any]:
     """A saved config with the fields it predates set as its run trained: `FIELDS_ADDED_LATER`,
     and `loss.perceptual` as ImageNet VGG-16 features when `loss.vgg_weights` was set, frozen
-    random ones otherwise."""
-    sections = {name: dict(raw.get(name) or {}) for name in ("model", "loss", "train")}
+    random ones otherwise; keys that moved since (`config.MOVED_KEYS`) at their new place."""
+    sections = {name: dict(raw.get(name) or {}) for name in ("model", "loss", "train", "debug")}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if old_key in sections[old_section]:
+            sections[new_section][new_key] = sections[old_section].pop(old_key)
     for (section, key), value in FIELDS_ADDED_LATER.items():
         sections[section].setdefault(key, value)
     loss = sections["loss"]

@@ -88,7 +88,7 @@ def train_func(config: dict[str, Any]) -> None:
                 batches = None
             else:
                 ray.train.report(metrics)
-        if state.step == cfg.train.fail_at_step:
+        if state.step == cfg.debug.fail_at_step:
             inject_fault_once(store, state.step, rank, world_size)
 
 
@@ -235,7 +235,7 @@ def save_checkpoint(
 
 
 def inject_fault_once(store: CheckpointStore, step: int, rank: int, world_size: int) -> None:
-    """`train.fail_at_step`, for tests: the last worker dies as a crashed process would. A
+    """`debug.fail_at_step`, for tests: the last worker dies as a crashed process would. A
     marker in the run folder keeps it from firing again after the restart or a rerun."""
     marker = f"fault_injected_at_step_{step}"
     if rank != world_size - 1 or store.exists(marker):
