@@ -8,17 +8,16 @@ geometry identifies a landmark: colours and textures change from image to image.
 Version 1 also scattered four random ellipses over the background, and moved the creature
 less (shifts of 0.08 half-widths, at 0.85 of the frame rather than 0.75). Every learner
 rebuilds its images from the landmarks and a few appearance codes, and clutter is neither:
-it only added reconstruction error the landmarks were pulled towards. After 100 CPU steps of
-the part learner (pixel loss) the landmark error was 41.5% of the inter-ocular distance with
-clutter and 35.8% without, against a mean shape of 44.1%. The larger pose makes where the
-creature is, and how it is turned, the dominant variation to find, as in uncropped
+it only added reconstruction error the landmarks were pulled towards, and the learners did
+better without it (BENCHMARKS.md, "Measured reasons in the code"). The larger pose makes
+where the creature is, and how it is turned, the dominant variation to find, as in uncropped
 photographs.
 
 The ten landmarks keep their meaning in every image (`LANDMARK_NAMES`, "left" = image-left in
 the canonical pose), so a linear regressor from learned points to them is well defined;
 `SYNTHETIC_LAYOUT` gives the eye indices (for inter-ocular normalisation) and the flip
-permutation. Rendering is vectorised numpy over a batch of images: a few thousand 64x64
-images per second on one core.
+permutation. Rendering is vectorised numpy over a batch of images (its speed is in
+BENCHMARKS.md, "Data throughput").
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ _POSE = {
 # Images posed together by one BLAS product (bounds their coordinates to ~32 MB).
 _PIXELS_PER_BLOCK = 2**22
 # Images drawn together: temporaries of at most ~200 KB stay in the allocator's pools, larger
-# ones are mmap-ed and page-faulted afresh for every numpy operation (5-20x slower).
+# ones are mmap-ed and page-faulted afresh for every numpy operation, many times slower.
 _PIXELS_PER_CHUNK = 2**20
 
 

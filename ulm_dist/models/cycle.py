@@ -20,11 +20,11 @@ the decoder then has little need of the landmarks. `loss.lambda_recon=0` trains 
 loss exactly.
 
 L_inv and L_equiv are both zero for landmarks that ignore the image, so at the start, when
-the landmarks do not yet carry anything, they pull them back to the centre: the same run
-with both at full weight from step 0 kept every landmark constant (spread 0.002) after 125
-steps, where without them the landmarks spread out (0.22). Their weights therefore ramp up
-linearly over `loss.consistency_warmup` training forward passes, counted in a buffer so
-that a resumed run continues the ramp where it stopped.
+the landmarks do not yet carry anything, they pull them back to the centre, and with both
+at full weight from step 0 the landmarks stay where they started (BENCHMARKS.md, "Measured
+reasons in the code"). Their weights therefore ramp up linearly over
+`loss.consistency_warmup` training forward passes, counted in a buffer so that a resumed run
+continues the ramp where it stopped.
 
 The learner also adds the priors every learner shares (`priors.py`): equivariance under
 random similarities, which unlike L_equiv needs no flow and so pulls the landmarks onto the
