@@ -7,13 +7,14 @@ With no arguments it trains the embedded default: local Ray (or the cluster in R
 as under `ray job submit`), the synthetic data set, the tiny preset, 2 workers, CPU if the
 cluster has no GPU, checkpoints in `runs/<run_name>`. Everything that can be checked is
 checked before any worker starts: config keys and values, storage, resume point and data
-before Ray starts, then device and precision. Then a `TorchTrainer` runs `loop.train_func`
-on every worker. A reporter running in Ray Train's controller marks checkpoints complete,
-writes the metrics and sends the progress lines that this driver prints; checkpoints
-reported with `val/` metrics (see `validation.py`) carry them in their completion marker,
-for picking the best one, then prunes the old ones (`train.keep_checkpoints`). A rerun with
-the same run name continues from the run's newest complete checkpoint (`train.resume`); the
-store, not Ray Train's own list of reported checkpoints, says which that is.
+before Ray starts, then device and precision (`preflight.py`). Then a `TorchTrainer` runs
+`worker.train_func` on every worker. A reporter running in Ray Train's controller marks
+checkpoints complete, writes the metrics and sends the progress lines that this driver
+prints; checkpoints reported with `val/` metrics (see `evaluate/periodic.py`) carry them in
+their completion marker, for picking the best one, then prunes the old ones
+(`train.keep_checkpoints`). A rerun with the same run name continues from the run's newest
+complete checkpoint (`train.resume`); the checkpoint store (`checkpoint.py`), not Ray
+Train's own list of reported checkpoints, says which that is.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def train(
     """Check what can be checked, start the workers, and print where the results are.
 
     `callbacks` see every report after the run's own reporter (a sweep passes the one that
-    forwards reports to Ray Tune, see tune.py)."""
+    forwards reports to Ray Tune, see tune/sweep.py)."""
     store = CheckpointStore(cfg.train.storage, cfg.train.run_name, s3_options(cfg.data))
     store.check_writable()
     start = check_resume(cfg, store)

@@ -1,7 +1,8 @@
 """A finished sweep's results: one row per trial, the best trial, and what gets written.
 
 Trials are ranked by the best value of the sweep's metric each reached: with ASHA, trials stop
-at different steps, and a run's best checkpoint (what export.py picks) is not always its last.
+at different steps, and a run's best checkpoint (what `deploy/export.py` picks) is not
+always its last.
 The table (`trials.parquet`) and the plot go into the sweep's folder, local or S3.
 """
 

@@ -3,20 +3,21 @@
     python -m ulm_dist.tune --config jobs/sweep.yaml
 
 Each Tune trial is a full training run: a function that takes the trial's values, builds the
-trial's training config (sweep_config.py) and calls `train.train`, which starts a TorchTrainer
+trial's training config (`config.py`) and calls `train.driver.train`, which starts a TorchTrainer
 with its own Ray Train workers and DeepSpeed engines (Ray Train V2's way of running Train
 inside Tune). A callback forwards the run's reports to Tune; ASHA stops trials that trail.
 Everything lives in the sweep's folder, `<storage>/<name>/` (local or S3):
 
     <name>/trial_<id>/          Tune's record of each trial
-    <name>/runs/trial_<id>/     the trial's training run: its checkpoints, as train.py writes them
+    <name>/runs/trial_<id>/     the trial's training run and its checkpoints
     <name>/trials.parquet       one row per trial: values, final and best metric, checkpoint
     <name>/<metric>.png         the metric against each searched parameter
 
 and TensorBoard logs of every trial under `<log_dir>/<name>/` (`tensorboard --logdir` there).
-At the end the best trial's checkpoint is exported (export.py). Running the same command again
-continues an interrupted sweep (Tuner.restore): finished trials are kept, unfinished ones
-continue from their runs' latest checkpoints, and the searcher picks up where it was.
+At the end the best trial's checkpoint is exported (`deploy/export.py`). Running the same
+command again continues an interrupted sweep (Tuner.restore): finished trials are kept,
+unfinished ones continue from their runs' latest checkpoints, and the searcher picks up
+where it was.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ def concurrent_trials(sweep: SweepConfig, base: Config, use_gpu: bool) -> int:
 
 
 def export_best(results: SweepResults, out: Path, s3: S3Options) -> Path | None:
-    """Export the best trial's run (its best checkpoint, as export.py picks) to `out`."""
+    """Export the best trial's run (its best checkpoint, as `deploy/export.py` picks) to `out`."""
     best = results.best()
     if best is None or best.checkpoint is None:
         return None
