@@ -25,7 +25,13 @@ from s3_server import free_port
 from ulm_dist.config import load_config
 from ulm_dist.storage import S3Options, StorageError
 from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, StoredCheckpoint
-from ulm_dist.train.driver import INTERRUPTED_EXIT_CODE, RunReporter, main, named_worker_error
+from ulm_dist.train.driver import (
+    INTERRUPTED_EXIT_CODE,
+    RunReporter,
+    main,
+    named_controller_error,
+    named_worker_error,
+)
 from ulm_dist.train.metrics_log import METRICS_NAME, MetricsLog
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -329,3 +335,20 @@ def test_a_workers_storage_error_is_shown_whole():
     error = named_worker_error(ray.train.WorkerGroupError("a snippet", failures))
     assert str(error) == f"Training failed due to worker errors:\nworker 0, 1: {message}"
     assert error.worker_failures == failures
+
+
+def test_the_controller_failing_to_write_its_checkpoint_list_is_named_as_the_stores_failure():
+    store = CheckpointStore("s3://bucket/runs", "run", S3Options("http://KEY:SECRET@host:9"))
+    snapshot = OSError("When uploading checkpoint_manager_snapshot.json: connection refused")
+    named = named_controller_error(ray.train.ControllerError(snapshot), store)
+    message = str(named.controller_failure)
+    assert isinstance(named.controller_failure, StorageError)
+    assert message.startswith(
+        "Ray Train's controller writing its list of checkpoints in s3://bucket/runs/run failed: "
+        "When uploading checkpoint_manager_snapshot.json: connection refused; the S3 store "
+        "(endpoint http://***@host:9) failed"
+    )
+    assert "SECRET" not in message
+    # Any other controller failure is not the store's to name.
+    other = ray.train.ControllerError(OSError("the scheduler lost a node"))
+    assert named_controller_error(other, store) is other

@@ -96,14 +96,14 @@ def s3_options(data: DataConfig) -> S3Options:
 
 
 def is_s3_url(url: str) -> bool:
-    return url.startswith("s3://")
+    return url.startswith(S3_SCHEME)
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
     """("bucket", "key/inside") from "s3://bucket/key/inside"."""
     if not is_s3_url(url):
         raise ValueError(f"expected an s3://bucket/key URL, got {url!r}")
-    bucket, _, key = url[len("s3://") :].partition("/")
+    bucket, _, key = url.removeprefix(S3_SCHEME).partition("/")
     if not bucket:
         raise ValueError(f"expected an s3://bucket/key URL with a bucket name, got {url!r}")
     return bucket, key
@@ -281,7 +281,7 @@ class StorageError(RuntimeError):
 def open_filesystem(uri: str, s3: S3Options) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path within it for a local folder or an s3:// URI, its
     S3 requests bounded by `s3` as boto3's are."""
-    if uri.startswith(S3_SCHEME):
+    if is_s3_url(uri):
         filesystem = pafs.S3FileSystem(
             endpoint_override=s3.endpoint_url,
             connect_timeout=CONNECT_TIMEOUT_S,
@@ -317,27 +317,32 @@ class StorageFolder:
         try:
             yield
         except OSError as error:
-            if isinstance(self.filesystem, pafs.S3FileSystem):
-                advice = (
-                    f"the S3 store (endpoint {self.s3.endpoint_url or 'AWS default'}) "
-                    f"failed {self.s3.max_attempts} attempts of at most "
-                    f"{self.s3.read_timeout_s:g} s each (data.s3_max_attempts); check that it is "
-                    "up and reachable and the credentials"
-                )
-            elif error.errno == errno.ENOSPC:
-                advice = (
-                    f"no space left on the device holding {self.uri(self.path)}; free "
-                    "space there or point train.storage elsewhere"
-                )
-            else:
-                advice = "check the folder's permissions and free space"
-            # Redacted whole: the client's own message may quote the endpoint.
-            raise StorageError(
-                redact_url(
-                    f"{operation} in {self.uri(self.path)} failed: {error}; {advice}, then "
-                    "run the same command again: it continues from the last complete checkpoint"
-                )
-            ) from error
+            raise self.storage_error(operation, error) from error
+
+    def storage_error(self, operation: str, error: OSError) -> StorageError:
+        """The StorageError for `error`, raised by this folder's filesystem while doing
+        `operation`, also for failures caught by someone else (Ray Train's controller)."""
+        if isinstance(self.filesystem, pafs.S3FileSystem):
+            advice = (
+                f"the S3 store (endpoint {self.s3.endpoint_url or 'AWS default'}) "
+                f"failed {self.s3.max_attempts} attempts of at most "
+                f"{self.s3.read_timeout_s:g} s each (data.s3_max_attempts); check that it is "
+                "up and reachable and the credentials"
+            )
+        elif error.errno == errno.ENOSPC:
+            advice = (
+                f"no space left on the device holding {self.uri(self.path)}; free "
+                "space there or point train.storage elsewhere"
+            )
+        else:
+            advice = "check the folder's permissions and free space"
+        # Redacted whole: the client's own message may quote the endpoint.
+        return StorageError(
+            redact_url(
+                f"{operation} in {self.uri(self.path)} failed: {error}; {advice}, then "
+                "run the same command again: it continues from the last complete checkpoint"
+            )
+        )
 
     def check_writable(self) -> None:
         """Write, read back and delete a probe in the folder, or say why that failed."""

@@ -240,11 +240,9 @@ def named_controller_error(
     failure = error.controller_failure
     if not (isinstance(failure, OSError) and CHECKPOINT_MANAGER_SNAPSHOT_FILENAME in str(failure)):
         return error
-    try:
-        with store.named_errors("Ray Train's controller writing its list of checkpoints"):
-            raise failure
-    except StorageError as named:
-        return ray.train.ControllerError(named)
+    return ray.train.ControllerError(
+        store.storage_error("Ray Train's controller writing its list of checkpoints", failure)
+    )
 
 
 def named_worker_error(error: ray.train.WorkerGroupError) -> ray.train.WorkerGroupError:
