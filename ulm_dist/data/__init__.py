@@ -5,6 +5,8 @@ Shard format: each split is a folder (or s3:// prefix) of tars `{split}-000000.t
 - `{key}.jpg` (or `.png`): an RGB image, square, `image_size` pixels a side;
 - `{key}.landmarks.npy` (optional): float32 (L, 2) landmark (x, y) coordinates in pixels of
   the stored image, continuous, the image spanning [0, W] x [0, H] (pixel i's centre at i + 0.5);
+- `{key}.visible.npy` (optional): bool (L,), which landmarks are annotated as visible (CUB's
+  parts); without it every landmark counts as visible;
 - `{key}.json` (optional): per-sample metadata, e.g. the `identity` column of a landmarks table.
 Loaders return landmarks normalised to [-1, 1]: u = 2 x / W - 1, as `grid_sample` with
 align_corners=False reads them.
@@ -14,7 +16,8 @@ Driver and workers use:
   set first if asked for it (on the driver); `resolve_shards(...)` only reads;
 - `ensure_synthetic_dataset(cache_dir, num_samples, image_size, seed)` -> folder of splits;
 - `make_pair_loader(...)`: training pairs; `make_annotated_loader(...)`: evaluation images.
-Command line: `python -m ulm_dist.data {build,synth,info} ...` (see `__main__.py`).
+Command line: `python -m ulm_dist.data {build,prepare,synth,info} ...` (see `__main__.py`);
+`prepare` imports the field's benchmarks as their publishers distribute them (`benchmarks/`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
     python -m ulm_dist.data build SRC DEST --landmarks table.csv --size 128 \\
         --split-by identity --test-fraction 0.1 --layout ibug68
     python -m ulm_dist.data build SRC DEST --landmarks table.csv --reduce-landmarks mafl5 ...
+    python -m ulm_dist.data prepare celeba-mafl ~/data/celeba data/celeba-mafl --size 128
+    python -m ulm_dist.data prepare {aflw,cub,h36m} SRC DEST ...
     python -m ulm_dist.data synth DEST --n 20000 --size 64
     python -m ulm_dist.data info DEST/train
 
@@ -18,6 +20,9 @@ import os
 import sys
 
 from ulm_dist import storage
+from ulm_dist.data.benchmarks import BENCHMARKS, ImportOptions, collect_benchmark
+from ulm_dist.data.benchmarks.annotation_files import AnnotationError
+from ulm_dist.data.benchmarks.importer import write_benchmark
 from ulm_dist.data.build import (
     WriteOptions,
     build_from_folder,
@@ -43,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
+    if args.command == "prepare":
+        try:
+            return _prepare(args, write)
+        except (AnnotationError, FileNotFoundError) as error:
+            print(f"python -m ulm_dist.data prepare: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "build":
         fractions = {"val": args.val_fraction, "test": args.test_fraction}
         manifests = build_from_folder(
@@ -70,6 +81,31 @@ def main(argv: list[str] | None = None) -> int:
             shard_samples=args.samples_per_shard or synthetic_shard_samples(args.n),
             write=write,
         )
+    for split, manifest in manifests.items():
+        _print_manifest(manifest, storage.join(args.dest, split))
+    return 0
+
+
+def _prepare(args: argparse.Namespace, write: WriteOptions) -> int:
+    options = ImportOptions(
+        crop_fraction=args.crop_fraction,
+        frame_step=args.frame_step,
+        all_joints=args.all_joints,
+        keep_background=args.keep_background,
+    )
+    imported = collect_benchmark(args.name, args.source, args.size, options)
+    print(imported.summary_line())
+    for split, paths in imported.missing.items():
+        if paths:
+            print(f"  {split}: skipped {len(paths)} missing images, e.g. {paths[:3]}")
+    manifests = write_benchmark(
+        imported,
+        args.dest,
+        image_size=args.size,
+        shard_samples=args.samples_per_shard,
+        seed=args.seed,
+        write=write,
+    )
     for split, manifest in manifests.items():
         _print_manifest(manifest, storage.join(args.dest, split))
     return 0
@@ -116,6 +152,30 @@ def _parser() -> argparse.ArgumentParser:
         "eye centres, nose tip and mouth corners from 68 iBUG points), with that layout",
     )
 
+    prepare = commands.add_parser(
+        "prepare", help="import a benchmark (celeba-mafl, aflw, cub, h36m) with its splits"
+    )
+    prepare.add_argument("name", choices=sorted(BENCHMARKS), help="the benchmark")
+    prepare.add_argument("source", help="its folder, as the publisher distributes it (README)")
+    prepare.add_argument("dest", help="output folder or s3://bucket/prefix")
+    prepare.add_argument("--size", type=int, default=128, help="side of the stored images")
+    prepare.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard")
+    prepare.add_argument(
+        "--crop-fraction",
+        type=float,
+        default=0.8,
+        help="celeba-mafl: the centre share of the square-resized aligned image kept (IMM)",
+    )
+    prepare.add_argument(
+        "--frame-step", type=int, default=1, help="h36m: keep every n-th frame of a sequence"
+    )
+    prepare.add_argument(
+        "--all-joints", action="store_true", help="h36m: keep all 32 joints, not the 17"
+    )
+    prepare.add_argument(
+        "--keep-background", action="store_true", help="h36m: do not apply the masks"
+    )
+
     synth = commands.add_parser("synth", help="write the synthetic set (train/val/test)")
     synth.add_argument("dest", help="output folder or s3://bucket/prefix")
     synth.add_argument("--n", type=int, default=20000, help="train images")
@@ -124,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=64, help="side of the images")
     synth.add_argument("--samples-per-shard", type=int, help="default: n / 8, 16 to 1000")
 
-    for command in (build, synth):
+    for command in (build, prepare, synth):
         command.add_argument("--seed", type=int, default=0, help="seed of splits / generation")
         command.add_argument("--format", choices=["jpg", "png"], default="jpg")
         command.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
@@ -136,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a split's manifest summary")
     info.add_argument("folder", help="a split folder (or s3:// prefix) holding manifest.parquet")
 
-    for command in (build, synth, info):
+    for command in (build, prepare, synth, info):
         command.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS)")
         command.add_argument("--max-attempts", type=int, default=5, help="tries per S3 request")
     return parser

@@ -106,7 +106,7 @@ def build_from_folder(
             layout=layout,
             metadata_fields=tuple(landmarks.metadata) if landmarks else (),
         )
-        manifests[split] = _write_split(jobs, len(members), dest, summary, write)
+        manifests[split] = write_split(jobs, len(members), dest, summary, write)
     return manifests
 
 
@@ -161,7 +161,7 @@ def build_synthetic(
             landmark_names=synthetic.LANDMARK_NAMES,
             layout=synthetic.SYNTHETIC_LAYOUT,
         )
-        manifests[split] = _write_split(jobs, count, dest, summary, write)
+        manifests[split] = write_split(jobs, count, dest, summary, write)
     return manifests
 
 
@@ -175,9 +175,11 @@ def _synthetic_shard(
     ]
 
 
-def _write_split(
+def write_split(
     jobs: list[ShardJob], count: int, dest: str, summary: DatasetSummary, write: WriteOptions
 ) -> Manifest:
+    """Runs the shard jobs of one split into DEST/{split}/, then writes its manifest (last, so
+    that a manifest never lists a missing shard). Every builder ends here."""
     folder = storage.join(dest, summary.split)
     rows = write_shards(
         jobs,

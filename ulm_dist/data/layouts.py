@@ -3,7 +3,10 @@
 A layout travels in a split's manifest summary. Evaluation normalises errors by the distance
 between the eye centres (each the mean of the listed landmarks, MAFL/300-W convention), and
 flip augmentation re-indexes landmarks with `flip_permutation` so that index k keeps its
-meaning ("the image-left eye") after a horizontal flip.
+meaning ("the image-left eye") after a horizontal flip. A layout without eyes (birds' parts,
+human joints) leaves both eye tuples empty. A benchmark's layout also names its evaluation
+`protocol` (`ulm_dist.evaluate.protocols`): the normaliser, the visibility rule and the splits
+its regressor is fit and tested on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ class LandmarkLayout:
     eye_right: tuple[int, ...]
     # flip_permutation[k] is the index whose point becomes landmark k after a horizontal flip.
     flip_permutation: tuple[int, ...]
+    # The benchmark whose evaluation protocol applies (a key of evaluate.protocols.PROTOCOLS),
+    # or None for the generic one (inter-ocular when there are eyes).
+    protocol: str | None = None
 
     def __post_init__(self) -> None:
         count = len(self.flip_permutation)
@@ -28,8 +34,13 @@ class LandmarkLayout:
                 f"flip_permutation must be a permutation of 0..{count - 1}, "
                 f"got {list(self.flip_permutation)}"
             )
+        if bool(self.eye_left) != bool(self.eye_right):
+            raise ValueError(
+                f"eye_left {self.eye_left} and eye_right {self.eye_right}: expected both eyes "
+                "or neither (a layout without eyes)"
+            )
         for name, indices in (("eye_left", self.eye_left), ("eye_right", self.eye_right)):
-            if not indices or not all(0 <= i < count for i in indices):
+            if not all(0 <= i < count for i in indices):
                 raise ValueError(f"{name}: expected indices in 0..{count - 1}, got {indices}")
         mirrored = {self.flip_permutation[k] for k in self.eye_left}
         if mirrored != set(self.eye_right):
@@ -41,6 +52,10 @@ class LandmarkLayout:
     @property
     def num_landmarks(self) -> int:
         return len(self.flip_permutation)
+
+    @property
+    def has_eyes(self) -> bool:
+        return bool(self.eye_left)
 
 
 def _mirror_pairs(count: int, pairs: list[tuple[int, int]]) -> tuple[int, ...]:
@@ -79,6 +94,7 @@ def flip_landmarks(points: np.ndarray, width: float, permutation: tuple[int, ...
 # The MAFL 5-point protocol on 68-point annotations: the eye centres (means of the eye
 # contours), the nose tip and the mouth corners, in that order.
 MAFL5 = LandmarkLayout(eye_left=(0,), eye_right=(1,), flip_permutation=(1, 0, 2, 4, 3))
+MAFL5_NAMES = ("eye_left", "eye_right", "nose", "mouth_left", "mouth_right")
 _MAFL5_FROM_IBUG68 = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
 
 
@@ -102,7 +118,7 @@ LANDMARK_REDUCTIONS = {
     "mafl5": LandmarkReduction(
         source_count=IBUG68.num_landmarks,
         layout=MAFL5,
-        names=("eye_left", "eye_right", "nose", "mouth_left", "mouth_right"),
+        names=MAFL5_NAMES,
         reduce=ibug68_to_mafl5,
     )
 }

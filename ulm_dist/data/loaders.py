@@ -174,7 +174,15 @@ class _AnnotatedStream(_ShardStream):
         for sample in samples:
             box = crop_box(sample.image.width, sample.image.height, 1.0, None)
             view = square_view(sample.image, sample.landmarks, self.image_size, box)
-            yield {"image": view.image, "landmarks": view.landmarks, "key": sample.key}
+            visible = sample.visible
+            if visible is None:
+                visible = np.ones(len(view.landmarks), bool)
+            yield {
+                "image": view.image,
+                "landmarks": view.landmarks,
+                "visible": visible,
+                "key": sample.key,
+            }
 
 
 def _batches(
@@ -297,7 +305,8 @@ def make_annotated_loader(
 ) -> EpochLoader:
     """Batches of annotated images for evaluation, in a fixed order, each sample once: `image`
     (B, 3, S, S) float32 in [0, 1] (centre square, resized, no augmentation), `landmarks`
-    (B, L, 2) in [-1, 1], `key` and `skipped`."""
+    (B, L, 2) in [-1, 1], `visible` (B, L) bool (all True unless the shards flag invisible
+    landmarks), `key` and `skipped`."""
     stream = _AnnotatedStream(
         data,
         _as_shard_set(urls),

@@ -4,7 +4,8 @@ Each split folder (local or S3) holds `manifest.parquet` beside its shards: one 
 (`url`: the shard's name relative to the manifest, `samples`, `bytes`, `sha256` of the tar)
 and, in the Parquet schema metadata under `ulm_dist.summary`, a JSON summary of the split:
 its name, sample and shard counts, image size and format, landmark count and names, the
-landmark layout (eye indices for inter-ocular normalisation, flip permutation), the extra
+landmark layout (eye indices for inter-ocular normalisation, flip permutation, the benchmark
+protocol that evaluates it, if any), the extra
 per-sample metadata fields and where the data came from. A builder writes the manifest last,
 after every shard, so a manifest never lists a shard that is not there.
 """
@@ -115,6 +116,7 @@ def _summary_to_json(manifest: Manifest) -> str:
             "eye_left": list(layout.eye_left) if layout else None,
             "eye_right": list(layout.eye_right) if layout else None,
             "flip_permutation": list(layout.flip_permutation) if layout else None,
+            "protocol": layout.protocol if layout else None,
             "metadata_fields": list(summary.metadata_fields),
             "source": summary.source,
         }
@@ -134,6 +136,8 @@ def _summary_from_json(text: str, url: str) -> DatasetSummary:
             eye_left=tuple(raw["eye_left"]),
             eye_right=tuple(raw["eye_right"]),
             flip_permutation=tuple(raw["flip_permutation"]),
+            # Absent from manifests written before the benchmark importers.
+            protocol=raw.get("protocol"),
         )
     return DatasetSummary(
         split=raw["split"],

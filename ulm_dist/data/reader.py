@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # (`shards.py`) names them with these.
 IMAGE_FIELDS = ("jpg", "jpeg", "png")
 LANDMARKS_FIELD = "landmarks.npy"
+VISIBLE_FIELD = "visible.npy"
 METADATA_FIELD = "json"
 T = TypeVar("T")
 
@@ -53,6 +54,7 @@ class DecodedSample:
     key: str
     image: Image.Image  # RGB, decoded
     landmarks: np.ndarray | None  # (L, 2) float32 pixels of `image`
+    visible: np.ndarray | None = None  # (L,) bool when the sample says; None: all visible
 
 
 def decode_sample(raw: dict[str, Any], with_landmarks: bool) -> DecodedSample:
@@ -73,7 +75,16 @@ def decode_sample(raw: dict[str, Any], with_landmarks: bool) -> DecodedSample:
                 f"landmarks: expected finite (L, 2) values, got shape {landmarks.shape}"
             )
         landmarks = landmarks.astype(np.float32)
-    return DecodedSample(raw["__key__"], image, landmarks)
+    visible = None
+    if with_landmarks and VISIBLE_FIELD in raw:
+        visible = np.load(io.BytesIO(raw[VISIBLE_FIELD]), allow_pickle=False)
+        if visible.shape != (len(landmarks),):
+            raise ValueError(
+                f"{VISIBLE_FIELD}: expected one flag per landmark, shape ({len(landmarks)},), "
+                f"got {visible.shape}"
+            )
+        visible = visible.astype(bool)
+    return DecodedSample(raw["__key__"], image, landmarks, visible)
 
 
 def read_shard(

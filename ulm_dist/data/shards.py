@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ulm_dist import storage
 from ulm_dist.data.manifest import ShardInfo
-from ulm_dist.data.reader import LANDMARKS_FIELD, METADATA_FIELD
+from ulm_dist.data.reader import LANDMARKS_FIELD, METADATA_FIELD, VISIBLE_FIELD
 from ulm_dist.storage import S3Options
 
 _TAR_BLOCK = 512
@@ -37,6 +37,8 @@ class Sample:
     image: np.ndarray  # (H, W, 3) uint8
     landmarks: np.ndarray | None = None  # (L, 2) float32, pixels of `image`, (x, y)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # (L,) bool, which landmarks are annotated as visible (CUB's parts); None: all of them.
+    visible: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ def encode_sample(sample: Sample, encoding: Encoding) -> list[tuple[str, bytes]]
         array = io.BytesIO()
         np.save(array, np.asarray(sample.landmarks, np.float32), allow_pickle=False)
         members.append((f"{sample.key}.{LANDMARKS_FIELD}", array.getvalue()))
+    if sample.visible is not None:
+        array = io.BytesIO()
+        np.save(array, np.asarray(sample.visible, np.bool_), allow_pickle=False)
+        members.append((f"{sample.key}.{VISIBLE_FIELD}", array.getvalue()))
     if sample.metadata:
         text = json.dumps(sample.metadata, sort_keys=True).encode()
         members.append((f"{sample.key}.{METADATA_FIELD}", text))

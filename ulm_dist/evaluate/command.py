@@ -5,12 +5,13 @@ checkpoint and an annotated data set.
     python -m ulm_dist.evaluate s3://bucket/runs/faces/checkpoint_00050000 \\
         --data s3://bucket/datasets/faces-128 --out results/faces
 
-The frozen detector runs over the fit split (default `train`) and the test split (default
-`test`) of the data set, streamed from local disk or S3 and resized to the model's image
-size; the linear map is fit on the first and scored on the second. The table goes to the
-terminal; into --out go `summary.json` (everything), `summary.parquet` (one row),
-`landmarks.parquet` (one row per annotated landmark), and the pictures
-`regression_sheet.png` and `cycle_sheet.png` of the first test images.
+The frozen detector runs over the fit split and the test split (default `test`) of the data
+set (the fit split, the normaliser and the visibility rule by default those of the benchmark
+protocol its manifest names, `protocols.py`; else `train`), streamed from local disk or S3
+and resized to the model's image size; the linear map is fit on the first and scored on the
+second. The table goes to the terminal; into --out go `summary.json` (everything),
+`summary.parquet` (one row), `landmarks.parquet` (one row per annotated landmark), and the
+pictures `regression_sheet.png` and `cycle_sheet.png` of the first test images.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ from tqdm import tqdm
 from ulm_dist.config import DataConfig
 from ulm_dist.data import S3AccessError, ShardSet, prepare_shards
 from ulm_dist.deploy.trained import TrainedModel, load_trained
-from ulm_dist.evaluate.annotated import EvaluationError, annotated_batches, choose_eyes, detect
+from ulm_dist.evaluate.annotated import EvaluationError, annotated_batches, detect
 from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
+from ulm_dist.evaluate.protocols import (
+    GENERIC_FIT_SPLIT,
+    choose_normalisation,
+    fit_split_for,
+    protocol_of,
+    uses_visibility,
+)
 from ulm_dist.evaluate.regression import (
     LANDMARK_ERROR,
     LANDMARK_ERROR_REVERSE,
@@ -51,6 +59,7 @@ class Detections:
 
     discovered: torch.Tensor  # (N, K, 2)
     annotated: torch.Tensor  # (N, L, 2)
+    visible: torch.Tensor  # (N, L) bool
     shown: torch.Tensor  # the first SHOWN_IMAGES images (B, 3, S, S), for the pictures
     skipped: int  # corrupt samples the loader skipped
 
@@ -77,13 +86,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="annotated shards: a data set root holding the split folders, or s3://..., or "
         "'synthetic' (the set the checkpoint's config generates)",
     )
-    parser.add_argument("--fit-split", default="train", help="split the regressor is fit on")
+    parser.add_argument(
+        "--fit-split",
+        help="split the regressor is fit on (default: the benchmark protocol's, else train)",
+    )
     parser.add_argument("--test-split", default="test", help="split the error is reported on")
     parser.add_argument(
         "--normaliser",
         choices=NORMALISERS,
-        help="what errors are divided by (default: inter-ocular when the shards' landmark "
-        "layout names the eyes, else the bounding-box diagonal)",
+        help="what errors are divided by (default: the benchmark protocol's; else "
+        "inter-ocular when the shards' landmark layout names the eyes, else the bounding-box "
+        "diagonal)",
     )
     parser.add_argument(
         "--ridge", type=non_negative_float, default=0.0, help="ridge penalty of the fit"
@@ -124,6 +137,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
     trained = load_trained(args.checkpoint, S3Options(endpoint_url=args.s3_endpoint_url))
     size = trained.config.model.image_size
     data = dataclasses.replace(trained.config.data, s3_endpoint_url=args.s3_endpoint_url)
+    args.fit_split = args.fit_split or default_fit_split(data, args.data, args.test_split, size)
     fit_shards = resolve_split(data, args.data, args.fit_split, size)
     test_shards = resolve_split(data, args.data, args.test_split, size)
     if fit_shards.urls == test_shards.urls:
@@ -131,7 +145,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
             f"--data {args.data}: the {args.fit_split} and {args.test_split} splits are the same "
             "shards; give the data set root that holds both split folders"
         )
-    eyes = choose_eyes(test_shards, args.normaliser)
+    protocol = protocol_of(test_shards.summary)
+    normalisation = choose_normalisation(test_shards, size, args.normaliser)
+    visible_only = uses_visibility(test_shards)
     source_size = test_shards.summary.image_size if test_shards.summary else size
     if source_size != size:
         print(f"note: {source_size}px images are resized to {size}px, the model's image size")
@@ -150,9 +166,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
         fit.annotated,
         test.discovered,
         test.annotated,
-        eyes=eyes,
+        eyes=normalisation.eyes,
         bias=args.bias,
         ridge=args.ridge,
+        image_size=normalisation.image_size,
+        train_visible=fit.visible if visible_only else None,
+        test_visible=test.visible if visible_only else None,
     )
     summary = {
         "checkpoint": trained.uri,
@@ -160,7 +179,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
         "data": args.data,
         "fit_split": args.fit_split,
         "test_split": args.test_split,
-        "normaliser": "inter-ocular" if eyes else "bbox-diagonal",
+        "protocol": protocol.name if protocol else "generic",
+        "normaliser": normalisation.name,
         "bias": args.bias,
         "ridge": args.ridge,
         "image_size": size,
@@ -195,6 +215,15 @@ def resolve_split(data: DataConfig, spec: str, split: str, image_size: int) -> S
     return shards
 
 
+def default_fit_split(data: DataConfig, spec: str, test_split: str, image_size: int) -> str:
+    """The fit split of the protocol that the test split's manifest names (`train` without
+    one). A test split that cannot be read gets `train` here; resolving it says what is wrong."""
+    try:
+        return fit_split_for(prepare_shards(data, spec, test_split, image_size=image_size))
+    except (FileNotFoundError, ValueError):
+        return GENERIC_FIT_SPLIT
+
+
 def detect_split(
     trained: TrainedModel,
     data: DataConfig,
@@ -208,14 +237,16 @@ def detect_split(
     total = shards.total_samples
     if limit is not None:
         total = min(total or limit, limit)
-    discovered, annotated, shown = [], [], []
+    discovered, annotated, visible, shown = [], [], [], []
     count = skipped = 0
     cpu = torch.device("cpu")
     with tqdm(total=total, unit="img", desc=f"detecting {split}") as bar:
-        for images, landmarks, lost in annotated_batches(data, shards, size, batch_size, limit):
+        batches = annotated_batches(data, shards, size, batch_size, limit)
+        for images, landmarks, flags, lost in batches:
             skipped += lost
             discovered.append(detect(trained.learner, images, cpu, torch.float32))
             annotated.append(landmarks)
+            visible.append(flags)
             shown.append(images[: max(0, SHOWN_IMAGES - count)])
             count += len(images)
             bar.update(len(images))
@@ -223,7 +254,9 @@ def detect_split(
         raise EvaluationError(
             f"the {split} split yielded no readable images ({skipped} corrupt samples skipped)"
         )
-    return Detections(torch.cat(discovered), torch.cat(annotated), torch.cat(shown), skipped)
+    return Detections(
+        torch.cat(discovered), torch.cat(annotated), torch.cat(visible), torch.cat(shown), skipped
+    )
 
 
 def landmark_names(shards: ShardSet, count: int) -> list[str]:
@@ -265,7 +298,11 @@ def write_pictures(
 
 
 def results_table(summary: dict[str, Any], per_landmark: list[dict[str, Any]]) -> str:
-    normaliser = {"inter-ocular": "inter-ocular distance", "bbox-diagonal": "bounding-box diagonal"}
+    normaliser = {
+        "inter-ocular": "inter-ocular distance",
+        "bbox-diagonal": "bounding-box diagonal",
+        "image-size": "image side",
+    }
     lines = [
         f"checkpoint  {summary['checkpoint']} (step {summary['step']}, "
         f"{summary['discovered_landmarks']} landmarks)",

@@ -22,8 +22,9 @@ from torch import nn
 
 from ulm_dist.config import DataConfig
 from ulm_dist.data import ShardSet
-from ulm_dist.evaluate.annotated import Eyes, annotated_batches, choose_eyes, detect
+from ulm_dist.evaluate.annotated import annotated_batches, detect
 from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
+from ulm_dist.evaluate.protocols import Normalisation, choose_normalisation, uses_visibility
 from ulm_dist.evaluate.regression import VAL_PREFIX, landmark_regression
 
 # Loader batch while loading, and detector batch while evaluating.
@@ -34,7 +35,8 @@ BATCH_SIZE = 64
 class ValidationSet:
     images: torch.Tensor  # (N, 3, S, S) in [0, 1], on the CPU
     annotated: torch.Tensor  # (N, L, 2) pixels
-    eyes: Eyes | None  # for the inter-ocular distance
+    normalisation: Normalisation  # the shards' protocol's (protocols.py)
+    visible: torch.Tensor | None = None  # (N, L) bool, when the protocol counts visible only
 
 
 def load_validation_set(
@@ -43,16 +45,17 @@ def load_validation_set(
     """The first `samples` annotated images of `shards`, in manifest order (the same on
     every worker)."""
     batches = list(annotated_batches(data, shards, image_size, min(BATCH_SIZE, samples), samples))
-    count = sum(len(images) for images, _, _ in batches)
+    count = sum(len(batch[0]) for batch in batches)
     if count < 2:
         raise ValueError(
             f"data.val: {count} annotated images could be read, at least 2 are needed (one to "
             "fit the regressor, one to score it); point data.val at a larger annotated split"
         )
     return ValidationSet(
-        images=torch.cat([images for images, _, _ in batches]),
-        annotated=torch.cat([annotated for _, annotated, _ in batches]),
-        eyes=choose_eyes(shards),
+        images=torch.cat([images for images, _, _, _ in batches]),
+        annotated=torch.cat([annotated for _, annotated, _, _ in batches]),
+        normalisation=choose_normalisation(shards, image_size),
+        visible=torch.cat([v for _, _, v, _ in batches]) if uses_visibility(shards) else None,
     )
 
 
@@ -69,12 +72,16 @@ def validate(
     discovered = torch.cat(
         [detect(learner, chunk, device, dtype) for chunk in val.images.split(BATCH_SIZE)]
     )
+    visible = val.visible
     report = landmark_regression(
         discovered[:fit],
         val.annotated[:fit],
         discovered[fit:],
         val.annotated[fit:],
-        eyes=val.eyes,
+        eyes=val.normalisation.eyes,
+        image_size=val.normalisation.image_size,
+        train_visible=None if visible is None else visible[:fit],
+        test_visible=None if visible is None else visible[fit:],
     )
     pictures = evaluation_sheets(
         learner.model,

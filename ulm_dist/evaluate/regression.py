@@ -8,7 +8,9 @@ reverse direction (annotated -> discovered, Sanchez and Tzimiropoulos 2019) tell
 the discovered points carry more than the annotated ones. The mean-shape baseline predicts
 the training set's mean annotated shape for every image: a model must beat it by a wide
 margin to have learned anything. Landmark layouts without eyes are normalised by the diagonal
-of the annotated points' bounding box instead.
+of the annotated points' bounding box instead, and the benchmarks whose protocol says so by
+the image's side (`protocols.py`). With visibility flags (CUB's parts), each annotated
+landmark's map is fit on the images where it is visible and errors count only visible points.
 
 The command line, `python -m ulm_dist.evaluate CHECKPOINT --data ...`, is in `command.py`;
 periodic evaluation during training is in `periodic.py`; both run the detector through
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-NORMALISERS = ("inter-ocular", "bbox-diagonal")
+NORMALISERS = ("inter-ocular", "bbox-diagonal", "image-size")
 
 # The protocol's metrics; periodic evaluation reports them prefixed with VAL_PREFIX.
 LANDMARK_ERROR = "landmark_error"
@@ -35,7 +37,9 @@ VAL_LANDMARK_ERROR = VAL_PREFIX + LANDMARK_ERROR
 @dataclass
 class RegressionReport:
     error: float  # percent of the normaliser, discovered -> annotated
-    reverse_error: float  # percent of the normaliser, annotated -> discovered
+    # percent of the normaliser, annotated -> discovered; NaN with invisible annotated points,
+    # which cannot serve as the map's inputs
+    reverse_error: float
     baseline_error: float  # percent, the mean annotated shape for every image
     per_landmark: list[float]  # percent, one per annotated landmark
     predicted: torch.Tensor  # (N, L, 2) the test images' regressed landmarks, pixels
@@ -49,13 +53,28 @@ class RegressionReport:
 
 
 def fit_linear_map(
-    inputs: torch.Tensor, targets: torch.Tensor, *, bias: bool = False, ridge: float = 0.0
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: bool = False,
+    ridge: float = 0.0,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Least squares W with targets ~ [inputs, 1?] @ W. inputs (N, K, 2), targets (N, L, 2)."""
+    """Least squares W with targets ~ [inputs, 1?] @ W. inputs (N, K, 2), targets (N, L, 2).
+    With `visible` (N, L) bool, the two columns of target landmark l are fit on the images
+    where l is visible only (a landmark visible nowhere gets zero weights)."""
     x = _design(inputs, bias).double()
     y = targets.flatten(1).double()
-    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype)
-    return torch.linalg.lstsq(gram, x.T @ y).solution
+    eye = ridge * torch.eye(x.shape[1], dtype=x.dtype)
+    if visible is None:
+        return torch.linalg.lstsq(x.T @ x + eye, x.T @ y).solution
+    # Each column's rows weighted 1 (visible) or 0: the normal equations per landmark.
+    weights = visible.double().repeat_interleave(2, dim=1)
+    columns = [
+        torch.linalg.lstsq(x.T @ (x * w[:, None]) + eye, x.T @ (w * y[:, c])).solution
+        for c, w in enumerate(weights.T)
+    ]
+    return torch.stack(columns, dim=1)
 
 
 def apply_linear_map(
@@ -79,6 +98,19 @@ def bounding_box_diagonal(points: torch.Tensor) -> torch.Tensor:
     return (points.amax(dim=1) - points.amin(dim=1)).norm(dim=-1)
 
 
+def masked_mean(
+    values: torch.Tensor, visible: torch.Tensor | None, dim: int | None = None
+) -> torch.Tensor:
+    """Mean of `values` (N, L) over the visible entries (all when `visible` is None); NaN
+    where nothing is visible."""
+    if visible is None:
+        return values.mean() if dim is None else values.mean(dim=dim)
+    mask = visible.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
 def normalised_errors(
     predicted: torch.Tensor, annotated: torch.Tensor, normaliser: torch.Tensor
 ) -> torch.Tensor:
@@ -95,29 +127,47 @@ def landmark_regression(
     eyes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     bias: bool = False,
     ridge: float = 0.0,
+    image_size: float | None = None,
+    train_visible: torch.Tensor | None = None,
+    test_visible: torch.Tensor | None = None,
 ) -> RegressionReport:
     """The whole protocol on pixel coordinates: discovered (N, K, 2), annotated (N, L, 2).
     Errors are normalised by the inter-ocular distance given the eye indices (left, right),
-    else by the bounding-box diagonal."""
-    forward = fit_linear_map(train_discovered, train_annotated, bias=bias, ridge=ridge)
+    else by `image_size` (the side of the images, pixels) given that, else by the
+    bounding-box diagonal. `train_visible`, `test_visible` (N, L) bool: fit and score only
+    the visible annotated points (both or neither)."""
+    if (train_visible is None) != (test_visible is None):
+        raise ValueError("give the visibility of both the fit and the test images, or neither")
+    forward = fit_linear_map(
+        train_discovered, train_annotated, bias=bias, ridge=ridge, visible=train_visible
+    )
     predicted = apply_linear_map(forward, test_discovered, bias)
     if eyes is not None:
         normaliser = inter_ocular_distance(test_annotated, *eyes)
+    elif image_size is not None:
+        normaliser = torch.full((len(test_annotated),), float(image_size))
     else:
         normaliser = bounding_box_diagonal(test_annotated)
     errors = normalised_errors(predicted, test_annotated, normaliser)
 
-    backward = fit_linear_map(train_annotated, train_discovered, bias=bias, ridge=ridge)
-    reverse = normalised_errors(
-        apply_linear_map(backward, test_annotated, bias), test_discovered, normaliser
-    )
-    mean_shape = train_annotated.mean(dim=0, keepdim=True).expand_as(test_annotated)
-    baseline = normalised_errors(mean_shape, test_annotated, normaliser)
+    reverse_error = float("nan")
+    if train_visible is None or (train_visible.all() and test_visible.all()):
+        backward = fit_linear_map(train_annotated, train_discovered, bias=bias, ridge=ridge)
+        reverse = normalised_errors(
+            apply_linear_map(backward, test_annotated, bias), test_discovered, normaliser
+        )
+        reverse_error = reverse.mean().item()
+    if train_visible is None:
+        mean_shape = train_annotated.mean(dim=0, keepdim=True)
+    else:
+        weight = train_visible.to(train_annotated.dtype)[..., None]
+        mean_shape = (train_annotated * weight).sum(0, keepdim=True) / weight.sum(0).clamp_min(1)
+    baseline = normalised_errors(mean_shape.expand_as(test_annotated), test_annotated, normaliser)
     return RegressionReport(
-        error=errors.mean().item(),
-        reverse_error=reverse.mean().item(),
-        baseline_error=baseline.mean().item(),
-        per_landmark=errors.mean(dim=0).tolist(),
+        error=masked_mean(errors, test_visible).item(),
+        reverse_error=reverse_error,
+        baseline_error=masked_mean(baseline, test_visible).item(),
+        per_landmark=masked_mean(errors, test_visible, dim=0).tolist(),
         predicted=predicted,
     )
 

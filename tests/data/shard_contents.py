@@ -1,0 +1,44 @@
+"""Reading back what a benchmark import wrote: every sample of a split, by key."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ulm_dist.data.manifest import Manifest, read_manifest
+from ulm_dist.storage import S3Options
+
+
+@dataclass
+class StoredSample:
+    image: np.ndarray | None = None
+    landmarks: np.ndarray | None = None
+    visible: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def read_split(dest: Path, split: str) -> tuple[Manifest, dict[str, StoredSample]]:
+    manifest = read_manifest(str(dest / split), S3Options())
+    samples: dict[str, StoredSample] = {}
+    for url in manifest.urls:
+        with tarfile.open(url) as tar:
+            for member in tar.getmembers():
+                key, kind = member.name.split(".", 1)
+                data = tar.extractfile(member).read()
+                sample = samples.setdefault(key, StoredSample())
+                if kind in ("png", "jpg"):
+                    sample.image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                elif kind == "landmarks.npy":
+                    sample.landmarks = np.load(io.BytesIO(data))
+                elif kind == "visible.npy":
+                    sample.visible = np.load(io.BytesIO(data))
+                elif kind == "json":
+                    sample.metadata = json.loads(data)
+    return manifest, samples

@@ -1,0 +1,160 @@
+"""CUB-200-2011 (Wah et al. 2011): 11,788 birds with 15 part locations and their visibility.
+
+SRC is the `CUB_200_2011` folder as Caltech distributes it:
+
+    SRC/images.txt              "<image_id> <image_name>", names relative to SRC/images/
+    SRC/train_test_split.txt    "<image_id> <is_training_image>" (1: train, 0: test)
+    SRC/bounding_boxes.txt      "<image_id> <x> <y> <width> <height>" in pixels
+    SRC/parts/parts.txt         "<part_id> <part_name>" (15 parts: back, beak, ..., throat)
+    SRC/parts/part_locs.txt     "<image_id> <part_id> <x> <y> <visible>" in pixels; an
+                                invisible part has visible 0 (and x = y = 0)
+    SRC/images/001.Black_footed_Albatross/Black_Footed_Albatross_0001_796111.jpg ...
+
+The splits are the official ones (5,994 train, 5,794 test): the unsupervised training and the
+regressor's fit on `train`, the error on `test` (Zhang et al. 2018; Lorenz et al. 2019), plus
+`val`, the last tenth of `train` in id order, for choosing checkpoints. Each bird is framed
+by its bounding box made square about its centre (side max(width, height), black where it
+reaches outside the image), so the stored image's side is the box's longer side. Every part
+keeps its visibility flag (`visible.npy` in the shards): evaluation fits and scores only the
+visible parts. The flip permutation pairs the parts named "left X" and "right X".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ulm_dist.data.benchmarks.annotation_files import AnnotationError, read_annotation_lines
+from ulm_dist.data.benchmarks.importer import (
+    BenchmarkImport,
+    BenchmarkItem,
+    Region,
+    last_tenth,
+    present_items,
+)
+from ulm_dist.data.layouts import LandmarkLayout
+
+NAME = "cub"
+PROTOCOL = "cub"
+
+
+def read_parts(source: Path) -> list[str]:
+    rows = read_annotation_lines(
+        source / "parts" / "parts.txt",
+        "CUB's part names (parts/parts.txt)",
+        columns=2,
+        expected="a part id and its name",
+        split_columns=2,
+    )
+    ids = [row.integer(0, "a part id (1, 2, ...) and its name") for row in rows]
+    if ids != list(range(1, len(ids) + 1)):
+        raise AnnotationError(
+            f"{source / 'parts' / 'parts.txt'}: expected part ids 1..{len(ids)} in order, "
+            f"found {ids}"
+        )
+    return [row.fields[1].strip() for row in rows]
+
+
+def flip_permutation(names: list[str]) -> tuple[int, ...]:
+    """Swaps each "left X" with "right X"; the other parts map to themselves."""
+    index = {name: k for k, name in enumerate(names)}
+    permutation = list(range(len(names)))
+    for k, name in enumerate(names):
+        for side, other in (("left ", "right "), ("right ", "left ")):
+            if name.startswith(side) and other + name[len(side) :] in index:
+                permutation[k] = index[other + name[len(side) :]]
+    return tuple(permutation)
+
+
+def square_box(x: float, y: float, width: float, height: float) -> Region:
+    """The bounding box made square about its centre, in pixels."""
+    side = max(width, height)
+    left, top = x + (width - side) / 2, y + (height - side) / 2
+    return Region(left, top, left + side, top + side, relative=False)
+
+
+def _by_image(path: Path, what: str, columns: int, expected: str) -> dict[int, list[str]]:
+    rows = read_annotation_lines(path, what, columns=columns, expected=expected)
+    table: dict[int, list[str]] = {}
+    for row in rows:
+        table[row.integer(0, expected)] = row.fields[1:]
+    return table
+
+
+def collect(source: Path, image_size: int) -> BenchmarkImport:
+    del image_size  # every bird is framed by its box, whatever the size
+    parts = read_parts(source)
+    images = _by_image(
+        source / "images.txt", "CUB's image list", 2, "an image id and its file name"
+    )
+    is_train = _by_image(
+        source / "train_test_split.txt",
+        "CUB's split",
+        2,
+        "an image id and 1 (train) or 0 (test)",
+    )
+    boxes_file = source / "bounding_boxes.txt"
+    boxes: dict[int, Region] = {}
+    for row in read_annotation_lines(
+        boxes_file,
+        "CUB's bounding boxes",
+        columns=5,
+        expected="an image id and its box x, y, width, height",
+    ):
+        x, y, width, height = row.numbers(1, 5, "an image id and a numeric x, y, width, height")
+        if width <= 0 or height <= 0:
+            raise row.error("an image id and its box x, y, width, height (width, height > 0)")
+        boxes[row.integer(0, "an image id")] = square_box(x, y, width, height)
+    locations = defaultdict(lambda: np.zeros((len(parts), 2)))
+    visibility = defaultdict(lambda: np.zeros(len(parts), bool))
+    expected = "an image id, a part id, x, y and visible (0 or 1)"
+    for row in read_annotation_lines(
+        source / "parts" / "part_locs.txt",
+        "CUB's part locations (parts/part_locs.txt)",
+        columns=5,
+        expected=expected,
+    ):
+        image_id, part = row.integer(0, expected), row.integer(1, expected)
+        x, y, visible = row.numbers(2, 5, expected)
+        if not 1 <= part <= len(parts) or visible not in (0, 1):
+            raise row.error(expected + f", part id in 1..{len(parts)}")
+        locations[image_id][part - 1] = x, y
+        visibility[image_id][part - 1] = bool(visible)
+
+    candidates: dict[str, list[BenchmarkItem]] = {"train": [], "test": []}
+    for image_id, (name,) in sorted(images.items()):
+        flag = is_train.get(image_id)
+        if flag not in (["0"], ["1"]) or image_id not in boxes or image_id not in locations:
+            raise AnnotationError(
+                f"{source}: image id {image_id} ({name}) lacks a split flag (0 or 1) in "
+                "train_test_split.txt, a box in bounding_boxes.txt or its parts in "
+                "parts/part_locs.txt"
+            )
+        split = "train" if flag == ["1"] else "test"
+        candidates[split].append(
+            BenchmarkItem(
+                key=Path(name).with_suffix("").as_posix().replace(".", "_"),
+                image=source / "images" / name,
+                landmarks=locations[image_id],
+                region=boxes[image_id],
+                visible=visibility[image_id],
+                metadata={"image_id": image_id, "class": Path(name).parent.name},
+            )
+        )
+    missing: dict[str, list[str]] = {"train": [], "test": [], "val": []}
+    splits = {split: present_items(items, missing[split]) for split, items in candidates.items()}
+    splits["val"] = present_items(last_tenth(candidates["train"]), missing["val"])
+    layout = LandmarkLayout(
+        eye_left=(), eye_right=(), flip_permutation=flip_permutation(parts), protocol=PROTOCOL
+    )
+    return BenchmarkImport(
+        name=NAME,
+        splits=splits,
+        missing=missing,
+        layout=layout,
+        landmark_names=tuple(parts),
+        source=f"CUB-200-2011 ({source.resolve()}), birds framed by their squared boxes",
+        metadata_fields=("image_id", "class"),
+    )
