@@ -9,11 +9,14 @@ import pytest
 from PIL import Image
 from shard_contents import read_split
 
+from ulm_dist.config import DataConfig
+from ulm_dist.data import resolve_shards
 from ulm_dist.data.benchmarks import collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.importer import write_benchmark
 from ulm_dist.data.build import WriteOptions
 from ulm_dist.data.shards import Encoding
+from ulm_dist.evaluate.periodic import load_validation_set
 
 LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 PARTS = (
@@ -123,3 +126,11 @@ def test_a_malformed_part_line_names_the_file_and_the_line(tmp_path):
     locations.write_text("\n".join(lines) + "\n")
     with pytest.raises(AnnotationError, match=r"part_locs.txt, line 17: expected an image id"):
         collect_benchmark("cub", source, image_size=16)
+
+
+def test_evaluation_reads_the_flags_and_the_protocol_from_the_shards(prepared):
+    data = DataConfig(num_workers=0)
+    shards = resolve_shards(data, str(prepared[0]), "train", image_size=16)
+    val = load_validation_set(data, shards, 16, samples=7)
+    assert (val.normalisation.name, val.normalisation.image_size) == ("image-size", 16)
+    assert val.visible.shape == (7, 15) and int(val.visible.sum()) == 7 * 15 - 1
