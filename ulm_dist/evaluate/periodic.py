@@ -24,7 +24,12 @@ from ulm_dist.config import DataConfig
 from ulm_dist.data import ShardSet
 from ulm_dist.evaluate.annotated import annotated_batches, detect
 from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
-from ulm_dist.evaluate.protocols import Normalisation, choose_normalisation, uses_visibility
+from ulm_dist.evaluate.protocols import (
+    Eyes,
+    Normalisation,
+    choose_normalisation,
+    uses_visibility,
+)
 from ulm_dist.evaluate.regression import VAL_PREFIX, landmark_regression
 
 # Loader batch while loading, and detector batch while evaluating.
@@ -37,6 +42,11 @@ class ValidationSet:
     annotated: torch.Tensor  # (N, L, 2) pixels
     normalisation: Normalisation  # the shards' protocol's (protocols.py)
     visible: torch.Tensor | None = None  # (N, L) bool, when the protocol counts visible only
+
+    @property
+    def eyes(self) -> Eyes | None:
+        """The eye indices for the inter-ocular distance, when that is the normaliser."""
+        return self.normalisation.eyes
 
 
 def load_validation_set(
