@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from shard_contents import read_split
 
+from ulm_dist.config import load_config
 from ulm_dist.data.__main__ import main
 from ulm_dist.data.benchmarks import collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.importer import write_benchmark
 from ulm_dist.data.build import WriteOptions
 from ulm_dist.data.shards import Encoding
+from ulm_dist.deploy.trained import TrainedModel
+from ulm_dist.evaluate import command
+from ulm_dist.models import build_learner
 
 LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 NAMES = [f"{i:06d}.jpg" for i in range(1, 13)]
@@ -113,3 +119,26 @@ def test_the_command_reports_the_skipped_image(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train: skipped 1 missing images" in out and "000005.jpg" in out
     assert (tmp_path / "out" / "mafl_train" / "manifest.parquet").is_file()
+
+
+def test_the_command_follows_the_mafl_protocol_of_prepared_shards(tmp_path, monkeypatch):
+    # An untrained tiny learner stands in for a checkpoint: the protocol, not the model, is
+    # under test.
+    source = write_celeba(tmp_path / "celeba")
+    argv = ["prepare", "celeba-mafl", str(source), str(tmp_path / "shards"), "--size", "32"]
+    assert main([*argv, "--workers", "1", "--no-progress"]) == 0
+    config = load_config(overrides=["data.num_workers=0"])
+    torch.manual_seed(0)
+    learner = build_learner(config.model, config.loss).eval()
+    monkeypatch.setattr(
+        command, "load_trained", lambda uri, s3: TrainedModel(config, learner, 7, uri)
+    )
+    out = tmp_path / "out"
+    assert command.main(["ckpt", "--data", str(tmp_path / "shards"), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["protocol"], summary["fit_split"], summary["normaliser"]) == (
+        "mafl",
+        "mafl_train",
+        "inter-ocular",
+    )
+    assert (summary["fit_images"], summary["test_images"]) == (7, 3)  # MAFL train less 000005
