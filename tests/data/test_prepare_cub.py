@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from shard_contents import read_split
 
-from ulm_dist.config import DataConfig
+from ulm_dist.config import DataConfig, load_config
 from ulm_dist.data import resolve_shards
 from ulm_dist.data.benchmarks import collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.importer import write_benchmark
 from ulm_dist.data.build import WriteOptions
 from ulm_dist.data.shards import Encoding
+from ulm_dist.deploy.trained import TrainedModel
+from ulm_dist.evaluate import command
 from ulm_dist.evaluate.periodic import load_validation_set
+from ulm_dist.models import build_learner
 
 LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 PARTS = (
@@ -134,3 +139,24 @@ def test_evaluation_reads_the_flags_and_the_protocol_from_the_shards(prepared):
     val = load_validation_set(data, shards, 16, samples=7)
     assert (val.normalisation.name, val.normalisation.image_size) == ("image-size", 16)
     assert val.visible.shape == (7, 15) and int(val.visible.sum()) == 7 * 15 - 1
+
+
+def test_the_command_scores_visible_parts_over_the_image_side(prepared, tmp_path, monkeypatch):
+    # An untrained tiny learner stands in for a checkpoint: the protocol is under test.
+    config = load_config(overrides=["data.num_workers=0"])
+    torch.manual_seed(0)
+    learner = build_learner(config.model, config.loss).eval()
+    monkeypatch.setattr(
+        command, "load_trained", lambda uri, s3: TrainedModel(config, learner, 7, uri)
+    )
+    out = tmp_path / "out"
+    assert command.main(["ckpt", "--data", str(prepared[0]), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["protocol"], summary["fit_split"], summary["normaliser"]) == (
+        "cub",
+        "train",
+        "image-size",
+    )
+    # Hidden parts cannot be the reverse map's inputs: no reverse error for CUB.
+    assert summary["landmark_error_reverse"] != summary["landmark_error_reverse"]
+    assert summary["landmark_error"] == summary["landmark_error"]  # finite: visible parts
