@@ -79,7 +79,8 @@ class BenchmarkImport:
 
     def summary_line(self) -> str:
         counts = ", ".join(f"{split} {len(items)}" for split, items in self.splits.items())
-        lost = sum(len(paths) for paths in self.missing.values())
+        # A val split repeats images of another split: count each missing file once.
+        lost = len({path for paths in self.missing.values() for path in paths})
         return f"{self.name}: {counts} images; {lost} named by the annotations but missing"
 
 
