@@ -38,6 +38,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ulm_dist.config import Config, ConfigError
 from ulm_dist.deploy.export import ExportError, resolve_checkpoint
 from ulm_dist.deploy.export import export as export_artifact
+from ulm_dist.deploy.onnx_detector import can_export
 from ulm_dist.deploy.trained import load_trained
 from ulm_dist.redaction import print_redacted
 from ulm_dist.storage import S3Options, StorageError, StorageFolder, s3_options
@@ -284,4 +285,7 @@ def export_best(results: SweepResults, out: Path, s3: S3Options) -> Path | None:
         return None
     uri, reason = resolve_checkpoint(best.run, "best", s3)
     print_redacted(f"exporting {best.name}: {uri} ({reason})")
-    return export_artifact(load_trained(uri, s3), out, reason, overwrite=True)
+    # With detector.onnx where the `onnx` extra is installed: a missing extra must not fail a
+    # finished sweep at its last step.
+    trained = load_trained(uri, s3)
+    return export_artifact(trained, out, reason, overwrite=True, onnx=can_export())
