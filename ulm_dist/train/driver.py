@@ -48,6 +48,7 @@ from ulm_dist.train.checkpoint import (
     picture_tag,
     resume_checkpoint,
 )
+from ulm_dist.train.curves import write_training_curves
 from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
 from ulm_dist.train.preflight import (
     check_perceptual_weights,
@@ -175,9 +176,11 @@ def train(
 
     latest = store.latest()
     final = store.uri(latest.path) if latest else "none"
+    curves = write_training_curves(log_folder)
     print_redacted(
         f"checkpoint: {final}\n"
         f"metrics:    {metrics_log.path}\n"
+        f"curves:     {curves}\n"
         f"run folder: {store.uri(store.run_path)} (config, checkpoints, Ray Train's state)\n"
         f"TensorBoard: tensorboard --logdir {log_folder / TENSORBOARD_NAME}"
     )

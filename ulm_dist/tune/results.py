@@ -8,6 +8,7 @@ The table (`trials.parquet`) and the plot go into the sweep's folder, local or S
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,14 @@ class SweepResults:
         self.written["table"] = folder.uri(table_path)
         points = [(t.params, t.best) for t in self.trials if t.best is not None]
         if points:
-            image = plot_metric_against_parameters(
+            figure = plot_metric_against_parameters(
                 points, list(self.sweep.space.values()), self.sweep.metric, self.sweep.mode
             )
+            png = io.BytesIO()
+            figure.savefig(png, format="png")
             plot_path = f"{folder.path}/{self.sweep.metric.replace('/', '_')}.png"
             with folder.filesystem.open_output_stream(plot_path) as stream:
-                image.save(stream, format="PNG")
+                stream.write(png.getvalue())
             self.written["plot"] = folder.uri(plot_path)
 
     def summary(self) -> str:
