@@ -104,3 +104,14 @@ def common_args(
         f"data.cache_dir={cache}",
         f"train.log_dir={log_dir}",
     ]
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real local MLflow store, SQLite in a temp folder, as its tracking URI: one for the
+    session, as creating its tables takes seconds (tests use experiments of their own)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # creates the tables
+    return uri

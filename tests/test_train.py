@@ -14,12 +14,14 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from mlflow import MlflowClient
 from ray.train.v2.api.callback import UserCallback
 
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
 from ulm_dist.storage import S3Options
 from ulm_dist.train.checkpoint import CheckpointStore, read_learner_weights
+from ulm_dist.train.curves import CURVES_NAME
 from ulm_dist.train.driver import main, train
 from ulm_dist.train.metrics_log import METRICS_NAME
 
@@ -227,7 +229,7 @@ def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp
 
 @pytest.mark.parametrize("learner_name", ["imm", "part"])
 def test_the_other_learners_train_through_the_same_driver(
-    learner_name, common_args, log_dir, tmp_path
+    learner_name, common_args, log_dir, tmp_path, mlflow_store
 ):
     run_name = f"learner_{learner_name}"
     args = [
@@ -241,6 +243,9 @@ def test_the_other_learners_train_through_the_same_driver(
         "train.log_every=2",
         "train.checkpoint_every=4",
         "train.eval_every=4",
+        "train.tracking=mlflow",
+        f"train.tracking_uri={mlflow_store}",
+        "train.tracking_experiment=learners",
     ]
     assert main(args) == 0
 
@@ -249,6 +254,29 @@ def test_the_other_learners_train_through_the_same_driver(
     # The learner's own term and the shared priors, averaged over both workers.
     assert {"loss/recon", "loss/transform", "loss/sep", "loss/total"} <= records[-1].keys()
     assert "val/landmark_error" in records[-1]
+    assert (log_dir / run_name / CURVES_NAME).is_file()
+    summary = json.loads((log_dir / run_name / "summary.json").read_text())
+    assert summary["final"] == records[-1] and summary["best"]["step"] == 4
+
+    # The same run in MLflow, read back from the store.
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("learners")
+    (tracked,) = client.search_runs(
+        [experiment.experiment_id], f"attributes.run_name = '{run_name}'"
+    )
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["model.name"] == learner_name
+    assert tracked.data.params["train.steps"] == "4"
+    assert tracked.data.params["data.pairs"] == "warped"
+    for name in ("loss/total", "val/landmark_error", "throughput/pairs_per_s"):
+        history = client.get_metric_history(tracked.info.run_id, name)
+        expected = [(r["step"], pytest.approx(r[name])) for r in records if name in r]
+        assert [(m.step, m.value) for m in history] == expected, name
+    artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert {"summary.json", "metrics.jsonl", CURVES_NAME, "config.yaml"} <= artifacts
+    sheets = client.list_artifacts(tracked.info.run_id, "evaluation/step_00000004")
+    names = {a.path.rpartition("/")[2] for a in sheets}
+    assert names == {"regression_sheet.png", "generation_sheet.png"}  # imm's and part's
     cfg = load_config(None, args)
     learner = build_learner(cfg.model, cfg.loss)
     learner.load_state_dict(final_weights(CheckpointStore(cfg.train.storage, run_name), tmp_path))
