@@ -12,6 +12,7 @@ from ulm_dist.train.tracking import (
     PARENT_TAG,
     RESUMED_TAG,
     RUN_TAG,
+    TrackingError,
     config_params,
     flat_params,
     training_run,
@@ -110,6 +111,19 @@ def test_tracking_fields_are_checked():
         load_config(None, ["train.tracking=mlflow", "train.tracking_experiment=' '"])
     with training_run(load_config(None, []), "runs/demo", None, None) as run:
         assert run is None  # tracking off: no MLflow at all
+
+
+def test_a_server_that_cannot_be_reached_is_one_clear_error(monkeypatch, unused_tcp_port):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries for minutes
+    uri = f"http://PLANTEDKEY:{SECRET}@127.0.0.1:{unused_tcp_port}"
+    cfg = tracked_config(uri)
+    with pytest.raises(TrackingError) as raised, training_run(cfg, "runs/demo", None, None):
+        pass
+    message = str(raised.value)
+    assert message.startswith(
+        f"train.tracking_uri: MLflow at http://***@127.0.0.1:{unused_tcp_port} cannot start a run"
+    )
+    assert "server is up and reachable" in message and SECRET not in message
 
 
 def test_a_missing_extra_names_the_pip_command():

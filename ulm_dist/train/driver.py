@@ -63,6 +63,7 @@ from ulm_dist.train.preflight import (
 from ulm_dist.train.tracking import (
     EVALUATION_FOLDER,
     MlflowRun,
+    TrackingError,
     check_tracking,
     training_run,
 )
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.resume={args.resume}")
     try:
         train(load_config(args.config, overrides), verbose=args.verbose)
-    except (ConfigError, StorageError, MissingExtraError) as error:
+    except (ConfigError, StorageError, MissingExtraError, TrackingError) as error:
         print_redacted(f"ulm_dist.train: error: {error}", file=sys.stderr)
         return 2
     except ray.train.TrainingFailedError as error:
@@ -140,11 +141,12 @@ def train(
     metrics_log = MetricsLog(log_folder)
     (log_folder / RUN_CONFIG_NAME).write_text(config_text)
 
-    start_ray(verbose)
-    forget_ray_checkpoint_list(store)
     run_uri = store.uri(store.run_path)
     resumed_from = store.uri(start.path) if start is not None else None
+    # Started before Ray: a tracking server that cannot be reached stops the run here.
     with training_run(cfg, run_uri, resumed_from, tracking_parent) as tracker:
+        start_ray(verbose)
+        forget_ray_checkpoint_list(store)
         lines = Queue(actor_options={"num_cpus": 0})
         # Ray Train would move each worker into a scratch folder of its own; staying in the
         # driver's working folder keeps relative paths in the config meaning the same there.

@@ -55,6 +55,10 @@ PARENT_TAG = "mlflow.parentRunId"
 EVALUATION_FOLDER = "evaluation"
 
 
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot start a run; names it and says what to check."""
+
+
 @dataclass
 class MlflowRun:
     """A started MLflow run, by id: small and picklable, so that Ray Train's controller can
@@ -134,13 +138,21 @@ def mlflow_run(
             f"an MLflow run ({mlflow.active_run().info.run_id}) is already active in this "
             "process; end it (mlflow.end_run()) before training with train.tracking=mlflow"
         )
-    session = setup_mlflow(
-        tracking_uri=tracking_uri,
-        experiment_name=experiment,
-        run_name=run_name,
-        tags={key: redact_url(value) for key, value in tags.items()},
-        create_experiment_if_not_exists=True,
-    )
+    try:
+        session = setup_mlflow(
+            tracking_uri=tracking_uri,
+            experiment_name=experiment,
+            run_name=run_name,
+            tags={key: redact_url(value) for key, value in tags.items()},
+            create_experiment_if_not_exists=True,
+        )
+    except mlflow.exceptions.MlflowException as error:
+        where = redact_url(tracking_uri or mlflow.get_tracking_uri())
+        raise TrackingError(
+            f"train.tracking_uri: MLflow at {where} cannot start a run in experiment "
+            f"{experiment!r}: {redact_url(str(error).splitlines()[0])}; check that the "
+            "server is up and reachable from here, or set train.tracking=none"
+        ) from error
     run = MlflowRun(session.get_tracking_uri(), session.active_run().info.run_id)
     status = "FAILED"
     try:

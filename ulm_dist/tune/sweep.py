@@ -58,6 +58,7 @@ from ulm_dist.train.preflight import (
 from ulm_dist.train.tracking import (
     SWEEP_TAG,
     MlflowRun,
+    TrackingError,
     check_tracking,
     flat_params,
     mlflow_run,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep_config(args.config)
         results = run_sweep(sweep, verbose=args.verbose)
-    except (ConfigError, StorageError, ExportError, MissingExtraError) as error:
+    except (ConfigError, StorageError, ExportError, MissingExtraError, TrackingError) as error:
         print_redacted(f"ulm_dist.tune: error: {error}", file=sys.stderr)
         return 2
     if results is None:
