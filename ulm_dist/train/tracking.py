@@ -134,7 +134,7 @@ def mlflow_run(
 
     if mlflow.active_run() is not None:
         # setup_mlflow would log into it instead of starting one (a notebook's own run).
-        raise RuntimeError(
+        raise TrackingError(
             f"an MLflow run ({mlflow.active_run().info.run_id}) is already active in this "
             "process; end it (mlflow.end_run()) before training with train.tracking=mlflow"
         )
