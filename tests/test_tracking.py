@@ -129,3 +129,20 @@ def test_a_server_that_cannot_be_reached_is_one_clear_error(monkeypatch, unused_
 def test_a_missing_extra_names_the_pip_command():
     with pytest.raises(MissingExtraError, match=r"pip install 'ulm-dist\[mlflow\]'"):
         require("ulm_dist_no_such_package", "mlflow", "train.tracking=mlflow")
+
+
+def test_an_experiment_that_is_missing_is_created(tracking_uri):
+    # No artifact is logged here: a new experiment's go to ./mlruns, in the working folder.
+    cfg = load_config(
+        None,
+        [
+            "train.tracking=mlflow",
+            f"train.tracking_uri={tracking_uri}",
+            "train.tracking_experiment=made-by-the-run",
+        ],
+    )
+    with training_run(cfg, "runs/demo", None, None) as run:
+        run.log_metrics({"step": 1, "loss/total": 2.0})
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("made-by-the-run")
+    assert client.get_run(run.run_id).info.experiment_id == experiment.experiment_id
