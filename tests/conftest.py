@@ -104,3 +104,23 @@ def common_args(
         f"data.cache_dir={cache}",
         f"train.log_dir={log_dir}",
     ]
+
+
+# The MLflow experiments the tests record runs in (test_tracking, test_train, test_tune).
+MLFLOW_EXPERIMENTS = ("unit", "learners", "sweeps")
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real local MLflow store, SQLite in a temp folder, as its tracking URI: one for the
+    session, as creating its tables takes seconds. Its experiments are made here with their
+    artifacts in the temp folder too: one that a run creates keeps them in ./mlruns, in the
+    working folder (MLflow's default for a database store)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for name in MLFLOW_EXPERIMENTS:
+        client.create_experiment(name, artifact_location=(folder / name).as_uri())
+    return uri

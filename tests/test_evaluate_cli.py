@@ -114,6 +114,7 @@ def test_evaluate_writes_results_that_agree_with_the_table_and_the_annotations(
     out = local_checkpoint.parent / "evaluation" / local_checkpoint.name  # the default
     for name in OUTPUTS + PICTURES:
         assert (out / name).is_file(), name
+    assert (out / "training_curves.png").is_file()  # from the run's metrics.jsonl
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 4 and summary["normaliser"] == "inter-ocular"

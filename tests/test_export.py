@@ -14,6 +14,7 @@ from ulm_dist.config import config_from_dict, load_config
 from ulm_dist.deploy import artifact
 from ulm_dist.deploy.artifact import Regressor, load_detector
 from ulm_dist.deploy.export import choose_checkpoint, main
+from ulm_dist.deploy.onnx_detector import ONNX_OPSET, ONNX_TOLERANCE
 from ulm_dist.deploy.trained import load_trained
 from ulm_dist.evaluate.regression import apply_linear_map
 from ulm_dist.models import CycleConsistencyModel
@@ -64,18 +65,29 @@ def test_the_exported_detector_gives_the_best_checkpoints_landmarks(run, tmp_pat
     assert "best: lowest val/landmark_error" in capsys.readouterr().out
 
     names = {path.name for path in out.iterdir()}
-    assert names == {"detector.pt2", "model.pt", "config.yaml", "metadata.json", "README.md"}
+    assert names == {
+        "detector.pt2",
+        "detector.onnx",
+        "model.pt",
+        "config.yaml",
+        "metadata.json",
+        "README.md",
+    }
     assert not list(tmp_path.glob(".artifact.*")), "the staging folder was left behind"
     metadata = json.loads((out / artifact.METADATA_NAME).read_text())
     assert metadata["step"] == best and metadata["source"].endswith(f"checkpoint_{best:08d}")
     assert metadata["metrics"]["val/landmark_error"] == errors[best]
     assert (metadata["image_size"], metadata["num_landmarks"]) == (16, 4)
+    assert metadata["onnx_opset"] == ONNX_OPSET
 
     trained = load_trained(metadata["source"])
     detector = load_detector(out)
     images = torch.rand(5, 3, 16, 16)  # a batch size the export did not see
     expected = to_pixels(trained.learner.landmarks(images), 16)
     torch.testing.assert_close(detector(images), expected, atol=1e-5 * 8, rtol=0)
+    # The ONNX model of the gathered ZeRO-2 weights, in onnxruntime.
+    onnx_points = load_detector(out, runtime="onnx")(images)
+    torch.testing.assert_close(onnx_points, expected, atol=ONNX_TOLERANCE * 8, rtol=0)
     # On another device nothing may stay on the CPU (the meta device stands in for a GPU).
     assert load_detector(out, "meta")(images.to("meta")).device.type == "meta"
 
@@ -106,14 +118,17 @@ def test_best_is_the_lowest_validation_error_and_a_regressor_travels_along(
 
     out = tmp_path / "best"
     source = copy.uri(copy.run_path)
-    args = ["--regressor", str(regressor_file), "--s3-endpoint-url", s3_server]
+    args = ["--regressor", str(regressor_file), "--s3-endpoint-url", s3_server, "--no-onnx"]
     assert main([source, "--out", str(out), *args]) == 0
     assert "best: lowest val/landmark_error = 3.5" in capsys.readouterr().out
     metadata = json.loads((out / artifact.METADATA_NAME).read_text())
     assert metadata["step"] == 1 and metadata["metrics"] == {"val/landmark_error": 3.5}
     assert metadata["source"] == f"{source}/checkpoint_00000001"
     assert (metadata["layout"], metadata["num_annotated"]) == ("three", 3)
-    assert "| val/landmark_error | 3.5 |" in (out / artifact.README_NAME).read_text()
+    readme = (out / artifact.README_NAME).read_text()
+    assert "| val/landmark_error | 3.5 |" in readme
+    assert "No `detector.onnx` was written (exported with --no-onnx)" in readme
+    assert not (out / "detector.onnx").exists() and metadata["onnx_opset"] is None
 
     detector = load_detector(out)
     points = detector(torch.rand(2, 3, 16, 16))

@@ -1,7 +1,15 @@
 import json
 
+import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ulm_dist.train.curves import (
+    CURVES_NAME,
+    LOSSES_TITLE,
+    VAL_TITLE,
+    training_curves,
+    write_training_curves,
+)
 from ulm_dist.train.metrics_log import MetricsLog, format_duration, progress_line
 
 
@@ -65,3 +73,47 @@ def test_the_progress_line_has_step_losses_throughput_data_share_and_eta():
 def test_durations_read_as_minutes_or_hours():
     assert format_duration(59.6) == "1m00s"
     assert format_duration(3725) == "1h02m"
+
+
+def evaluated(step: int, loss: float, error: float | None) -> dict:
+    values = {**record(step, loss), "loss/sep": 0.01 * loss}
+    if error is not None:
+        values |= {"val/landmark_error": error, "val/mean_shape_error": 20.0}
+    return values
+
+
+def test_the_training_curves_show_every_loss_and_the_validation_error_by_step():
+    records = [evaluated(2, 4.0, None), evaluated(4, 2.0, 12.5), evaluated(6, 1.0, None)]
+    records.append(evaluated(8, 0.5, 8.0))
+    figure = training_curves(records, "demo", mark_step=8)
+    losses, validation = figure.axes
+    assert (losses.get_title(), validation.get_title()) == (LOSSES_TITLE, VAL_TITLE)
+    assert figure.get_suptitle() == "demo"
+    lines = {line.get_label(): line for line in losses.lines}
+    assert set(lines) == {"cycle", "sep", "total", "step 8"}
+    np.testing.assert_allclose(lines["total"].get_xdata(), [2, 4, 6, 8])
+    np.testing.assert_allclose(lines["total"].get_ydata(), [4.0, 2.0, 1.0, 0.5])
+    np.testing.assert_allclose(lines["sep"].get_ydata(), [0.04, 0.02, 0.01, 0.005])
+    assert losses.get_yscale() == "log"
+    lines = {line.get_label(): line for line in validation.lines}
+    # Only the evaluated steps: no gaps drawn as zeros.
+    np.testing.assert_allclose(lines["val/landmark_error"].get_xdata(), [4, 8])
+    np.testing.assert_allclose(lines["val/landmark_error"].get_ydata(), [12.5, 8.0])
+    np.testing.assert_allclose(lines["val/mean_shape_error"].get_ydata(), [20.0, 20.0])
+    np.testing.assert_allclose(lines["step 8"].get_xdata(), [8, 8])
+
+
+def test_a_run_without_validation_gets_the_losses_panel_alone_written_beside_its_log(
+    tmp_path,
+):
+    assert write_training_curves(tmp_path) is None  # no metrics.jsonl: nothing to draw
+    log = MetricsLog(tmp_path / "run")
+    for step in (2, 4):
+        log.append(record(step, 1.0 / step))
+    log.close()
+    path = write_training_curves(tmp_path / "run")
+    assert path == tmp_path / "run" / CURVES_NAME
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (losses,) = training_curves(log.records).axes
+    assert losses.get_title() == LOSSES_TITLE
+    assert {line.get_label() for line in losses.lines} == {"cycle", "total"}

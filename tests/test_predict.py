@@ -1,6 +1,9 @@
 """`python -m ulm_dist.predict` on image folders, with an artifact exported from a tiny model
-(the export of trained checkpoints is tested in test_export.py)."""
+(the export of trained checkpoints is tested in test_export.py), with PyTorch and with
+onnxruntime."""
 
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +14,16 @@ import torch
 from PIL import Image
 
 from ulm_dist.config import load_config
-from ulm_dist.deploy.artifact import Regressor, load_detector
+from ulm_dist.deploy.artifact import README_NAME, Regressor, load_detector
 from ulm_dist.deploy.export import export
+from ulm_dist.deploy.onnx_detector import BATCH_NAME, ONNX_NAME, ONNX_OPSET, ONNX_TOLERANCE
 from ulm_dist.deploy.predict import main
 from ulm_dist.deploy.trained import TrainedModel
 from ulm_dist.models import build_learner
 
 SIZE, K, L = 16, 4, 3
+# The real faces where this checkout sits beside ../shared (see tests/data/test_faces68.py).
+FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "faces68-dev" / "img"
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +142,96 @@ def test_a_large_image_gets_a_capped_overlay_and_landmarks_in_its_own_pixels(
     rows = pyarrow.csv.read_csv(out / "landmarks.csv").to_pylist()
     found = np.array([[r["x"], r["y"]] for r in rows if r["kind"] == "discovered"])
     np.testing.assert_allclose(found, expected, atol=4)
+
+
+@pytest.fixture
+def face_images(tmp_path) -> list[Path]:
+    """8 real face crops (128 px JPEGs) where faces68-dev is present; else 8 synthetic
+    pictures of several sizes, gradients and a blob, as JPEGs."""
+    if FACES.is_dir():
+        return sorted(FACES.glob("*.jpg"))[:8]
+    paths = []
+    for n in range(8):
+        path = tmp_path / f"synthetic_{n}.jpg"
+        Image.fromarray(np.roll(smooth_picture(96 + 8 * n, 128), 9 * n, axis=1)).save(path)
+        paths.append(path)
+    return paths
+
+
+def landmark_table(artifact: Path, images: list[Path], out: Path, runtime: str) -> dict:
+    """(image, kind, landmark) -> (x, y) from `predict` with `runtime`, in batches of 7 and 1."""
+    argv = [str(artifact), *map(str, images), "--out", str(out), "--batch-size", "7"]
+    assert main([*argv, "--runtime", runtime]) == 0
+    rows = pyarrow.csv.read_csv(out / "landmarks.csv").to_pylist()
+    return {(r["image"], r["kind"], r["landmark"]): (r["x"], r["y"]) for r in rows}
+
+
+def test_onnxruntime_gives_pytorchs_landmarks_on_real_images(artifact, face_images, tmp_path):
+    torch_rows = landmark_table(artifact, face_images, tmp_path / "torch", "torch")
+    onnx_rows = landmark_table(artifact, face_images, tmp_path / "onnx", "onnx")
+    assert onnx_rows.keys() == torch_rows.keys()
+    assert len(onnx_rows) == len(face_images) * (K + L)
+    overlays = sorted(path.name for path in (tmp_path / "onnx" / "overlays").iterdir())
+    assert overlays == sorted(path.name for path in (tmp_path / "torch" / "overlays").iterdir())
+    # ONNX_TOLERANCE is in [-1, 1] units of the detector's square, the image's short side.
+    sides = {str(path): min(Image.open(path).size) for path in face_images}
+    worst = 0.0
+    for key, point in torch_rows.items():
+        difference = np.abs(np.subtract(onnx_rows[key], point)).max() / (sides[key[0]] / 2)
+        worst = max(worst, difference)
+    print(f"ONNX vs PyTorch: largest landmark difference {worst:.3g} (normalised units)")
+    assert worst <= ONNX_TOLERANCE
+    # Not a comparison of two constant outputs: the landmarks differ between images.
+    firsts = {point for (image, kind, landmark), point in torch_rows.items() if landmark == 0}
+    assert len(firsts) > 1
+
+
+def test_the_onnx_model_takes_batches_of_1_and_7_with_onnxruntime_alone(artifact):
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(artifact / ONNX_NAME)
+    assert [opset.version for opset in model.opset_import if opset.domain == ""] == [ONNX_OPSET]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == BATCH_NAME
+
+    onnx_detector = load_detector(artifact, runtime="onnx")
+    torch_detector = load_detector(artifact)
+    session = onnxruntime.InferenceSession(artifact / ONNX_NAME, providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        images = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        expected = torch_detector(images)
+        found = onnx_detector(images)
+        assert found.shape == (batch, K, 2)
+        torch.testing.assert_close(found, expected, atol=ONNX_TOLERANCE * SIZE / 2, rtol=0)
+        (raw,) = session.run(None, {"images": images.numpy()})
+        np.testing.assert_allclose((raw + 1) * SIZE / 2, expected.numpy(), atol=1e-3)
+
+
+def test_the_artifacts_readme_lines_run_with_onnxruntime(artifact, monkeypatch):
+    readme = (artifact / README_NAME).read_text()
+    section = readme[readme.index("## With onnxruntime alone") :]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert "torch" not in code and len(code.strip().splitlines()) == 5
+    monkeypatch.chdir(artifact)
+    names: dict = {}
+    exec(code, names)
+    assert names["pixels"].shape == (4, K, 2)
+    assert ((names["pixels"] >= 0) & (names["pixels"] <= SIZE)).all()
+
+
+def test_a_corrupt_or_missing_onnx_file_gets_a_clear_error(artifact, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    Image.fromarray(random_picture(SIZE, SIZE, 0)).save(image)
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    (copy / ONNX_NAME).write_bytes((artifact / ONNX_NAME).read_bytes()[:200])  # cut short
+    argv = [str(copy), str(image), "--out", str(tmp_path / "out"), "--runtime", "onnx"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{copy / ONNX_NAME}: onnxruntime cannot load it as an ONNX model" in error
+    assert "export the checkpoint again" in error
+
+    (copy / ONNX_NAME).unlink()
+    assert main(argv) == 2
+    assert "the artifact was exported without ONNX" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "landmarks.csv").exists()

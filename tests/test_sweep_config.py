@@ -73,5 +73,10 @@ def test_plot_has_one_panel_per_parameter():
     )
     points = [({"train.lr": 1e-3, "model.num_landmarks": 4}, 0.5)]
     points.append(({"train.lr": 3e-3, "model.num_landmarks": 8}, 0.25))
-    image = plot_metric_against_parameters(points, list(config.space.values()), "loss", "min")
-    assert image.size == (720, 260)
+    figure = plot_metric_against_parameters(points, list(config.space.values()), "loss", "min")
+    # Side by side, in the order of the sweep file (tests/test_tune_plot.py reads the points).
+    assert [axes.get_title() for axes in figure.axes] == [
+        "loss vs train.lr",
+        "loss vs model.num_landmarks",
+    ]
+    assert [axes.get_subplotspec().colspan.start for axes in figure.axes] == [0, 1]

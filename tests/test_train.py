@@ -14,12 +14,14 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from mlflow import MlflowClient
 from ray.train.v2.api.callback import UserCallback
 
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
 from ulm_dist.storage import S3Options
 from ulm_dist.train.checkpoint import CheckpointStore, read_learner_weights
+from ulm_dist.train.curves import CURVES_NAME
 from ulm_dist.train.driver import main, train
 from ulm_dist.train.metrics_log import METRICS_NAME
 
@@ -225,11 +227,21 @@ def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp
         assert steps == ([3, 6] if run_name == "interrupted" else [6])
 
 
-@pytest.mark.parametrize("learner_name", ["imm", "part"])
+@pytest.mark.parametrize(
+    ("learner_name", "tracked"),
+    # One of them tracked in MLflow: the second run would only add its cost.
+    [pytest.param("imm", True, id="imm-tracked-in-mlflow"), pytest.param("part", False, id="part")],
+)
 def test_the_other_learners_train_through_the_same_driver(
-    learner_name, common_args, log_dir, tmp_path
+    learner_name, tracked, common_args, log_dir, tmp_path, request
 ):
     run_name = f"learner_{learner_name}"
+    mlflow_store = request.getfixturevalue("mlflow_store") if tracked else None
+    tracking = [
+        "train.tracking=mlflow",
+        f"train.tracking_uri={mlflow_store}",
+        "train.tracking_experiment=learners",
+    ]
     args = [
         *common_args,
         f"model.name={learner_name}",
@@ -241,6 +253,7 @@ def test_the_other_learners_train_through_the_same_driver(
         "train.log_every=2",
         "train.checkpoint_every=4",
         "train.eval_every=4",
+        *(tracking if tracked else []),
     ]
     assert main(args) == 0
 
@@ -249,7 +262,33 @@ def test_the_other_learners_train_through_the_same_driver(
     # The learner's own term and the shared priors, averaged over both workers.
     assert {"loss/recon", "loss/transform", "loss/sep", "loss/total"} <= records[-1].keys()
     assert "val/landmark_error" in records[-1]
+    assert (log_dir / run_name / CURVES_NAME).is_file()
+    summary = json.loads((log_dir / run_name / "summary.json").read_text())
+    assert summary["final"] == records[-1] and summary["best"]["step"] == 4
     cfg = load_config(None, args)
     learner = build_learner(cfg.model, cfg.loss)
     learner.load_state_dict(final_weights(CheckpointStore(cfg.train.storage, run_name), tmp_path))
     assert learner.landmarks(torch.rand(2, 3, 16, 16)).shape == (2, 4, 2)
+    if tracked:
+        check_the_mlflow_run(mlflow_store, run_name, learner_name, records)
+
+
+def check_the_mlflow_run(store: str, run_name: str, learner_name: str, records: list[dict]):
+    """The run in MLflow, read back from the store: the config, every report's metrics at its
+    step, the end's files and the evaluated step's sheets."""
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("learners")
+    (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == learner_name
+    assert run.data.params["train.steps"] == "4"
+    assert run.data.params["data.pairs"] == "warped"
+    for name in ("loss/total", "val/landmark_error", "throughput/pairs_per_s"):
+        history = client.get_metric_history(run.info.run_id, name)
+        expected = [(r["step"], pytest.approx(r[name])) for r in records if name in r]
+        assert [(m.step, m.value) for m in history] == expected, name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "metrics.jsonl", CURVES_NAME, "config.yaml"} <= artifacts
+    sheets = client.list_artifacts(run.info.run_id, "evaluation/step_00000004")
+    names = {a.path.rpartition("/")[2] for a in sheets}
+    assert names == {"regression_sheet.png", "generation_sheet.png"}  # imm's pictures

@@ -2,7 +2,8 @@
 cluster, each a real training run (1 CPU worker, DeepSpeed). The sweep's driver is killed
 (SIGINT, as Ctrl+C) once the first trial is done, then the same command continues it: the
 finished trial is not run again, and the whole sweep ends with a table, a plot, a best trial
-and its export. A second sweep keeps everything in S3 (a moto server on 127.0.0.1). Several
+and its export. A second sweep keeps everything in S3 (a moto server on 127.0.0.1) and is
+tracked in MLflow (a SQLite store), read back through its client. Several
 minutes on 2 cores."""
 
 import logging
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
+from mlflow import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from ulm_dist.deploy.artifact import load_detector
@@ -140,13 +142,18 @@ def test_sweep_survives_an_interrupt_and_exports_the_best(
     assert detector.num_landmarks == best["model.num_landmarks"]
 
 
-def test_sweep_on_s3(ray_cluster, s3_server, s3_bucket, tmp_path, tiny_model_overrides):
+def test_sweep_on_s3_tracked_in_mlflow(
+    ray_cluster, s3_server, s3_bucket, tmp_path, tiny_model_overrides, mlflow_store
+):
     sweep_file = write_sweep(
         tmp_path / "sweep.yaml",
         name="on-s3",
         overrides=[
             *training_overrides(tmp_path, tiny_model_overrides),
             f"data.s3_endpoint_url={s3_server}",
+            "train.tracking=mlflow",
+            f"train.tracking_uri={mlflow_store}",
+            "train.tracking_experiment=sweeps",
         ],
         metric="loss/total",
         storage=f"{s3_bucket}/sweeps",
@@ -163,3 +170,26 @@ def test_sweep_on_s3(ray_cluster, s3_server, s3_bucket, tmp_path, tiny_model_ove
     assert all(row["status"] == "finished" for row in table)
     assert all(row["checkpoint"].startswith(f"{s3_bucket}/sweeps/on-s3/runs/") for row in table)
     assert load_detector(tmp_path / "logs" / "on-s3" / "best").num_landmarks in (3, 4)
+
+    # In MLflow: the sweep's run, and each trial's training run as its child.
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("sweeps").experiment_id
+    (parent,) = client.search_runs([experiment], "attributes.run_name = 'on-s3'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["metric"] == "loss/total"
+    assert parent.data.params["space.model.num_landmarks"] == "values [3, 4]"
+    best = min(row["best/loss/total"] for row in table)
+    assert parent.data.metrics["best/loss/total"] == pytest.approx(best)
+    artifacts = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
+    assert artifacts == {"trials.parquet", "loss_total.png", "summary.txt"}
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {row["trial"]: row for row in table}
+    assert sorted(child.info.run_name for child in children) == sorted(by_trial)
+    for child in children:
+        row = by_trial[child.info.run_name]
+        assert child.info.status == "FINISHED"
+        assert child.data.params["model.num_landmarks"] == str(row["model.num_landmarks"])
+        assert child.data.params["data.s3_endpoint_url"] == s3_server  # the whole config
+        history = client.get_metric_history(child.info.run_id, "loss/total")
+        assert [metric.step for metric in history] == [2, 4, STEPS]
+        assert history[-1].value == pytest.approx(row["final/loss/total"])

@@ -325,6 +325,20 @@ class TrainConfig:
     log_dir: str = option(
         "runs", "local folder for metrics.jsonl and TensorBoard events: <log_dir>/<run_name>"
     )
+    tracking: Literal["none", "mlflow"] = option(
+        "none",
+        "experiment tracking besides metrics.jsonl and TensorBoard: none, or mlflow (the "
+        "resolved config as params, the metrics of every report, evaluation sheets and the "
+        "summary as artifacts; pip install 'ulm-dist[mlflow]'; see train/tracking.py)",
+    )
+    tracking_uri: str | None = option(
+        None,
+        "tracking=mlflow: the tracking server or store (http://host:5000, sqlite:///mlflow.db, "
+        "a folder); null: MLflow's own default (MLFLOW_TRACKING_URI, else its local store)",
+    )
+    tracking_experiment: str = option(
+        "ulm_dist", "tracking=mlflow: the experiment the run is recorded in, created if missing"
+    )
     time_collectives: bool = option(
         False,
         "time DeepSpeed's collectives and count their bytes (the time/collectives_s and "
@@ -344,6 +358,14 @@ class TrainConfig:
             )
         if not self.resume:
             raise ConfigError("train.resume: expected auto, never or a checkpoint path, got ''")
+        if self.tracking == "none" and self.tracking_uri is not None:
+            # Refused rather than ignored: a config that names a tracking server expects it used.
+            raise ConfigError(
+                f"train.tracking_uri: set to {self.tracking_uri!r}, but train.tracking is none; "
+                "set train.tracking=mlflow to record the run there, or drop train.tracking_uri"
+            )
+        if not self.tracking_experiment.strip():
+            raise ConfigError("train.tracking_experiment: expected an experiment name, got ''")
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """An exported detector: a folder that runs with PyTorch alone, no Ray, DeepSpeed or checkpoint.
 
     detector = load_detector("exports/demo")     # written by `python -m ulm_dist.export`
+    detector = load_detector("exports/demo", runtime="onnx")     # detector.onnx, onnxruntime
     points = detector(images)    # images (B, 3, S, S) RGB in [0, 1] -> (B, K, 2) pixels (x, y)
     annotated = detector.regress(points)         # (B, L, 2) pixels, if the folder has a regressor
 
 The folder holds:
     detector.pt2     the pose encoder as a `torch.export` program: images -> landmarks in [-1, 1]
+    detector.onnx    the same as an ONNX model, for onnxruntime (`onnx_detector.py`), unless
+                     exported with --no-onnx
     model.pt         the state dict of the whole model (`model.name`'s, torch.save), to fine-tune
     config.yaml      the run's resolved config
     metadata.json    source checkpoint, step, image size S, K, validation metrics
@@ -26,13 +29,15 @@ with the PyTorch version that exported it or a newer one.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ulm_dist.deploy.onnx_detector import ONNX_NAME, OnnxError, OnnxProgram
 from ulm_dist.evaluate.regression import apply_linear_map
 from ulm_dist.models.landmarks import to_pixels
 
@@ -87,7 +92,9 @@ class Regressor:
 
 @dataclass
 class Detector:
-    program: nn.Module  # the exported pose encoder: images -> (B, K, 2) in [-1, 1]
+    # The exported pose encoder, images -> (B, K, 2) in [-1, 1]: the torch.export program's
+    # module, or detector.onnx in onnxruntime (onnx_detector.OnnxProgram).
+    program: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     image_size: int  # S
     num_landmarks: int  # K
     device: torch.device
@@ -115,8 +122,14 @@ class Detector:
         return apply_linear_map(weights, points, self.regressor.bias)
 
 
-def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Detector:
-    """The detector exported to `folder`, on `device`."""
+def load_detector(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    runtime: Literal["torch", "onnx"] = "torch",
+) -> Detector:
+    """The detector exported to `folder`, on `device`: its torch.export program, or with
+    runtime="onnx" its detector.onnx in onnxruntime (CUDA provider for a cuda device; images
+    and landmarks then stay on the CPU, onnxruntime copies them)."""
     folder = Path(folder)
     device = torch.device(device)
     missing = [name for name in (DETECTOR_NAME, METADATA_NAME) if not (folder / name).is_file()]
@@ -126,18 +139,29 @@ def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Det
             "make one with `python -m ulm_dist.export RUN --out FOLDER`"
         )
     metadata = json.loads((folder / METADATA_NAME).read_text())
-    program = torch.export.load(folder / DETECTOR_NAME)
-    if device.type != "cpu":
-        # Imported here: PyTorch before 2.6 lacks it, and loading on the CPU needs none of it.
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, device)
+    if runtime == "onnx":
+        try:
+            program = OnnxProgram(folder / ONNX_NAME, use_cuda=device.type == "cuda")
+        except OnnxError as error:
+            raise ArtifactError(str(error)) from error
+        device = torch.device("cpu")
+    else:
+        program = load_program(folder / DETECTOR_NAME, device)
     num_landmarks = metadata["num_landmarks"]
     regressor = None
     regressor_file = folder / REGRESSOR_NAME
     if regressor_file.is_file():
         raw = json.loads(regressor_file.read_text())
         regressor = Regressor.from_dict(raw, num_landmarks, str(regressor_file))
-    return Detector(
-        program.module(), metadata["image_size"], num_landmarks, device, metadata, regressor
-    )
+    return Detector(program, metadata["image_size"], num_landmarks, device, metadata, regressor)
+
+
+def load_program(path: Path, device: torch.device) -> nn.Module:
+    """The torch.export program at `path`, as a module on `device`."""
+    program = torch.export.load(path)
+    if device.type != "cpu":
+        # Imported here: PyTorch before 2.6 lacks it, and loading on the CPU needs none of it.
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return program.module()

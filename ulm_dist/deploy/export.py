@@ -2,12 +2,15 @@
 
     python -m ulm_dist.export RUN_OR_CHECKPOINT --out DIR [--checkpoint best|latest|STEP]
                               [--regressor FILE] [--s3-endpoint-url URL] [--overwrite]
+                              [--no-onnx]
 
 RUN_OR_CHECKPOINT is a run folder (`runs/demo`, `s3://bucket/prefix/demo`) or one of its
 `checkpoint_<step>` folders. `best` (the default for a run) is the complete checkpoint with
 the lowest `val/landmark_error` in its completion marker; a run trained without validation
 has none, and then the latest is taken and the output says so. The folder written is
-described in `ulm_dist.deploy.artifact`; it is built in a temporary folder beside DIR and renamed
+described in `ulm_dist.deploy.artifact`: the detector as a `torch.export` program and, unless
+--no-onnx, as `detector.onnx` for onnxruntime (`deploy/onnx_detector.py`; needs the `onnx`
+extra). It is built in a temporary folder beside DIR and renamed
 into place, so a crash never leaves half an artifact.
 """
 
@@ -30,8 +33,10 @@ from torch import nn
 
 from ulm_dist.deploy import artifact
 from ulm_dist.deploy.artifact import ArtifactError, Regressor
+from ulm_dist.deploy.onnx_detector import ONNX_NAME, ONNX_OPSET, OnnxError, write_onnx
 from ulm_dist.deploy.trained import TrainedModel, load_trained
 from ulm_dist.evaluate.regression import VAL_LANDMARK_ERROR
+from ulm_dist.extras import MissingExtraError
 from ulm_dist.redaction import redacted_config
 from ulm_dist.storage import S3Options, StorageError
 from ulm_dist.train.checkpoint import CHECKPOINT_PREFIX, CheckpointStore, StoredCheckpoint
@@ -66,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exporting {uri} ({reason})", flush=True)
         trained = load_trained(uri, s3)
         regressor = read_regressor(args.regressor, trained.config.model.num_landmarks)
-        out = export(trained, args.out, reason, regressor, overwrite=args.overwrite)
-    except (StorageError, ExportError, ArtifactError) as error:
+        out = export(trained, args.out, reason, regressor, overwrite=args.overwrite, onnx=args.onnx)
+    except (StorageError, ExportError, ArtifactError, OnnxError, MissingExtraError) as error:
         print(f"ulm_dist.export: error: {error}", file=sys.stderr)
         return 2
     print(f"artifact: {out}")
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ulm_dist.export",
-        description="Write a checkpoint's detector as a folder that needs only PyTorch.",
+        description="Write a checkpoint's detector as a folder that needs only PyTorch "
+        "(detector.pt2) or only onnxruntime (detector.onnx).",
     )
     parser.add_argument("source", help="a run folder or a checkpoint_<step> folder (or s3://)")
     parser.add_argument("--out", required=True, type=Path, help="the folder to write")
@@ -94,6 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--s3-endpoint-url", help="endpoint of an S3-compatible store")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--no-onnx",
+        dest="onnx",
+        action="store_false",
+        help="write no detector.onnx (which needs pip install 'ulm-dist[onnx]')",
+    )
     return parser.parse_args(argv)
 
 
@@ -179,15 +191,17 @@ def export(
     regressor: Regressor | None = None,
     *,
     overwrite: bool = False,
+    onnx: bool = True,
 ) -> Path:
-    """Write the artifact for `trained` to `out`, all at once; returns the folder."""
+    """Write the artifact for `trained` to `out`, all at once; returns the folder. With
+    `onnx`, detector.onnx too (a MissingExtraError if the `onnx` extra is not installed)."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out}: already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        write_artifact(staging, trained, reason, regressor)
+        write_artifact(staging, trained, reason, regressor, onnx)
         if out.exists():
             # Moved aside, not deleted first: until the rename, the old artifact is whole.
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -203,7 +217,7 @@ def export(
 
 
 def write_artifact(
-    folder: Path, trained: TrainedModel, reason: str, regressor: Regressor | None
+    folder: Path, trained: TrainedModel, reason: str, regressor: Regressor | None, onnx: bool
 ) -> None:
     model = trained.learner.model
     size = trained.config.model.image_size
@@ -214,11 +228,13 @@ def write_artifact(
     program = torch.export.export(detector, (example,), dynamic_shapes=({0: batch},))
     check_export(detector, program.module(), size)
     torch.export.save(program, folder / artifact.DETECTOR_NAME)
+    if onnx:
+        write_onnx(detector, program, size, folder / ONNX_NAME)
     torch.save(model.state_dict(), folder / artifact.MODEL_WEIGHTS_NAME)
     (folder / artifact.CONFIG_NAME).write_text(
         yaml.safe_dump(redacted_config(trained.config), sort_keys=False)
     )
-    metadata = describe(trained, reason, regressor)
+    metadata = describe(trained, reason, regressor, onnx)
     (folder / artifact.METADATA_NAME).write_text(json.dumps(metadata, indent=1))
     if regressor is not None:
         (folder / artifact.REGRESSOR_NAME).write_text(json.dumps(regressor.to_dict()))
@@ -239,7 +255,9 @@ def check_export(original: nn.Module, exported: nn.Module, size: int) -> None:
         )
 
 
-def describe(trained: TrainedModel, reason: str, regressor: Regressor | None) -> dict[str, Any]:
+def describe(
+    trained: TrainedModel, reason: str, regressor: Regressor | None, onnx: bool = False
+) -> dict[str, Any]:
     """metadata.json: where the weights came from and what they scored."""
     return {
         "format_version": artifact.FORMAT_VERSION,
@@ -254,6 +272,7 @@ def describe(trained: TrainedModel, reason: str, regressor: Regressor | None) ->
         "num_annotated": regressor.num_annotated if regressor else None,
         "metrics": trained.info.get("metrics", {}),
         "torch_version": torch.__version__,
+        "onnx_opset": ONNX_OPSET if onnx else None,  # None: no detector.onnx
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -275,6 +294,25 @@ def readme(metadata: dict[str, Any]) -> str:
         "reshaped to (B, L, 2)."
         if metadata["num_annotated"]
         else "No regressor to annotated landmarks is included."
+    )
+    onnx = (
+        f"""## With onnxruntime alone (no PyTorch)
+
+`detector.onnx` is the same detector as an ONNX model (opset {metadata["onnx_opset"]}, dynamic batch
+dimension): `pip install onnxruntime numpy` (onnxruntime-gpu on a GPU).
+
+```python
+import numpy as np, onnxruntime as ort
+session = ort.InferenceSession("detector.onnx", providers=["CPUExecutionProvider"])
+images = np.random.rand(4, 3, {size}, {size}).astype(np.float32)  # RGB in [0, 1], as above
+points = session.run(["landmarks"], {{"images": images}})[0]  # (4, {k}, 2) in [-1, 1]
+pixels = (points + 1) * {size} / 2
+```
+
+`python -m ulm_dist.predict FOLDER IMAGES... --out DIR --runtime onnx` runs it on image files.
+"""
+        if metadata.get("onnx_opset")
+        else "No `detector.onnx` was written (exported with --no-onnx)."
     )
     return f"""# Landmark detector: {metadata["run_name"]}, step {metadata["step"]}
 
@@ -298,6 +336,7 @@ ulm_dist installed, `ulm_dist.deploy.artifact.load_detector(folder)` does this a
 (`ulm_dist.models.build_learner(config.model, config.loss).model`, config in `config.yaml`).
 {regressor}
 
+{onnx}
 ## Scores
 
 {scored}

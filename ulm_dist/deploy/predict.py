@@ -2,6 +2,12 @@
 
     python -m ulm_dist.predict ARTIFACT IMAGES... --out DIR [--batch-size N]
                                [--device cpu|cuda|auto] [--format csv|parquet]
+                               [--runtime torch|onnx]
+
+--runtime torch (the default) runs the artifact's torch.export program with PyTorch; onnx runs
+its detector.onnx with onnxruntime (`pip install 'ulm-dist[onnx]'`), on the CPU provider, or
+CUDA's when onnxruntime has it (onnxruntime-gpu) and --device is auto or cuda. Both write the
+same table and overlays; their landmarks agree within `onnx_detector.ONNX_TOLERANCE`.
 
 IMAGES are files or folders (searched recursively for jpg, png, bmp, webp and tiff). Each
 image is converted to RGB and, as in evaluation, its largest centred square is resized to the
@@ -40,7 +46,9 @@ from tqdm import tqdm
 from ulm_dist.data.augment import crop_box, square_view
 from ulm_dist.data.image_folder import IMAGE_SUFFIXES
 from ulm_dist.deploy.artifact import ArtifactError, Detector, load_detector
+from ulm_dist.deploy.onnx_detector import CUDA_PROVIDER, available_providers
 from ulm_dist.evaluate.pictures import draw_points, landmark_colours
+from ulm_dist.extras import MissingExtraError
 
 # Beyond what the shard builder takes: prediction also meets other common camera/scan formats.
 PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".bmp", ".webp", ".tif", ".tiff"}
@@ -103,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         paths = find_images(args.images)
-        detector = load_detector(args.artifact, resolve_device(args.device))
-    except (ArtifactError, PredictError) as error:
+        device = resolve_device(args.device, args.runtime)
+        detector = load_detector(args.artifact, device, args.runtime)
+    except (ArtifactError, PredictError, MissingExtraError) as error:
         print(f"ulm_dist.predict: error: {error}", file=sys.stderr)
         return 2
     predictions = predict(detector, paths, args.out, args.batch_size)
@@ -130,13 +139,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    parser.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: detector.pt2 with PyTorch; onnx: detector.onnx with onnxruntime",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size: expected at least 1, got {args.batch_size}")
     return args
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, runtime: str = "torch") -> torch.device:
+    if runtime == "onnx":
+        has_cuda = CUDA_PROVIDER in available_providers()
+        if name == "cuda" and not has_cuda:
+            raise PredictError(
+                "--device cuda: onnxruntime has no CUDAExecutionProvider here (install "
+                "onnxruntime-gpu in place of onnxruntime); use --device cpu or auto"
+            )
+        return torch.device("cuda" if name != "cpu" and has_cuda else "cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

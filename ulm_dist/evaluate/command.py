@@ -51,6 +51,7 @@ from ulm_dist.evaluate.regression import (
     landmark_regression,
 )
 from ulm_dist.storage import S3_SCHEME, S3Options, StorageError
+from ulm_dist.train.curves import CURVES_NAME, write_run_curves
 
 
 @dataclass
@@ -200,7 +201,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
     out = args.out or default_out(args.checkpoint)
     write_results(out, summary, per_landmark)
     write_pictures(out, trained, test, report)
+    curves = write_run_curves(trained.config.train, out / CURVES_NAME, mark_step=trained.step)
     print(results_table(summary, per_landmark))
+    print(f"training curves: {curves or 'none (the run has no metrics.jsonl on this machine)'}")
     print(f"results: {out}")
     return out
 

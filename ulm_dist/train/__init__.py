@@ -7,5 +7,7 @@
 - `engine.py`: the DeepSpeed config and engine (the one place that knows ZeRO and precision);
 - `checkpoint.py`: what a checkpoint holds, how it is written, restored and marked complete;
 - `meters.py`: the step's timing (data wait, phases, collectives) and memory, run-wide;
-- `metrics_log.py`: the run's metrics.jsonl, TensorBoard events and progress lines.
+- `metrics_log.py`: the run's metrics.jsonl, TensorBoard events and progress lines;
+- `curves.py`: training_curves.png, the losses and val error against step (matplotlib);
+- `tracking.py`: `train.tracking: mlflow`, the run's params, metrics and artifacts in MLflow.
 """

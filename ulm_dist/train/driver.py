@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from ray.util.queue import Queue
 
 from ulm_dist.config import Config, ConfigError, load_config
 from ulm_dist.evaluate.regression import VAL_LANDMARK_ERROR, VAL_PREFIX
-from ulm_dist.redaction import print_redacted, redacted_config
+from ulm_dist.extras import MissingExtraError
+from ulm_dist.redaction import print_redacted, redacted, redacted_config
 from ulm_dist.storage import StorageError, s3_options
 from ulm_dist.train.checkpoint import (
     RUN_CONFIG_NAME,
@@ -48,6 +50,7 @@ from ulm_dist.train.checkpoint import (
     picture_tag,
     resume_checkpoint,
 )
+from ulm_dist.train.curves import read_records, write_training_curves
 from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
 from ulm_dist.train.preflight import (
     check_perceptual_weights,
@@ -57,10 +60,18 @@ from ulm_dist.train.preflight import (
     prepare_val_data,
     start_ray,
 )
+from ulm_dist.train.tracking import (
+    EVALUATION_FOLDER,
+    MlflowRun,
+    TrackingError,
+    check_tracking,
+    training_run,
+)
 from ulm_dist.train.worker import train_func
 
 # What shells report for a command ended by SIGINT (128 + 2).
 INTERRUPTED_EXIT_CODE = 130
+SUMMARY_NAME = "summary.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.resume={args.resume}")
     try:
         train(load_config(args.config, overrides), verbose=args.verbose)
-    except (ConfigError, StorageError) as error:
+    except (ConfigError, StorageError, MissingExtraError, TrackingError) as error:
         print_redacted(f"ulm_dist.train: error: {error}", file=sys.stderr)
         return 2
     except ray.train.TrainingFailedError as error:
@@ -103,12 +114,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train(
-    cfg: Config, verbose: bool = False, callbacks: Sequence[UserCallback] = ()
+    cfg: Config,
+    verbose: bool = False,
+    callbacks: Sequence[UserCallback] = (),
+    tracking_parent: MlflowRun | None = None,
 ) -> ray.train.Result:
     """Check what can be checked, start the workers, and print where the results are.
 
     `callbacks` see every report after the run's own reporter (a sweep passes the one that
-    forwards reports to Ray Tune, see tune/sweep.py)."""
+    forwards reports to Ray Tune, see tune/sweep.py). With `train.tracking: mlflow` the run
+    is recorded in MLflow (`tracking.py`), as a child of `tracking_parent` if given (a
+    sweep's run)."""
+    check_tracking(cfg)
     store = CheckpointStore(cfg.train.storage, cfg.train.run_name, s3_options(cfg.data))
     store.check_writable()
     start = check_resume(cfg, store)
@@ -124,64 +141,106 @@ def train(
     metrics_log = MetricsLog(log_folder)
     (log_folder / RUN_CONFIG_NAME).write_text(config_text)
 
-    start_ray(verbose)
-    forget_ray_checkpoint_list(store)
-    lines = Queue(actor_options={"num_cpus": 0})
-    # Ray Train would move each worker into a scratch folder of its own; staying in the
-    # driver's working folder keeps relative paths in the config meaning the same there.
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "shards": shards,
-            "val_shards": val_shards,
-            "precision": precision,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.run_name,
-            storage_path=store.root,
-            storage_filesystem=store.filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            # No num_to_keep: Ray would prune by its own list, blind to completion markers;
-            # the reporter prunes by the store's (CheckpointStore.prune).
-            callbacks=[RunReporter(store, metrics_log, cfg, lines), *callbacks],
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
-        ),
-    )
-    print_redacted(
-        f"run {cfg.train.run_name}: {cfg.train.num_workers} workers on "
-        f"{'GPU' if use_gpu else 'CPU'}, {precision}, ZeRO-{cfg.train.zero_stage}; "
-        f"{cfg.train.steps} steps x {cfg.train.batch_size} pairs; "
-        f"store {store.uri(store.run_path)}"
-    )
-    announce_start(store, start)
-    if val_shards is not None:
-        every = cfg.train.eval_every or cfg.train.checkpoint_every
-        print_redacted(
-            f"evaluating on {cfg.data.val_spec()} (val split, {cfg.train.eval_samples} images) "
-            f"every {every} steps: {VAL_LANDMARK_ERROR}"
+    run_uri = store.uri(store.run_path)
+    resumed_from = store.uri(start.path) if start is not None else None
+    # Started before Ray: a tracking server that cannot be reached stops the run here.
+    with training_run(cfg, run_uri, resumed_from, tracking_parent) as tracker:
+        start_ray(verbose)
+        forget_ray_checkpoint_list(store)
+        lines = Queue(actor_options={"num_cpus": 0})
+        # Ray Train would move each worker into a scratch folder of its own; staying in the
+        # driver's working folder keeps relative paths in the config meaning the same there.
+        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+        reporter = RunReporter(store, metrics_log, cfg, lines, tracker)
+        trainer = TorchTrainer(
+            train_func,
+            train_loop_config={
+                "config": cfg.to_dict(),
+                "shards": shards,
+                "val_shards": val_shards,
+                "precision": precision,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.train.num_workers, use_gpu=use_gpu
+            ),
+            run_config=ray.train.RunConfig(
+                name=cfg.train.run_name,
+                storage_path=store.root,
+                storage_filesystem=store.filesystem,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                # No num_to_keep: Ray would prune by its own list, blind to completion markers;
+                # the reporter prunes by the store's (CheckpointStore.prune).
+                callbacks=[reporter, *callbacks],
+                logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            ),
         )
-    try:
-        with printing_lines(lines):
-            result = fit_interruptibly(trainer)
-    except KeyboardInterrupt:
-        raise Interrupted(stop_workers(store)) from None
-    except ray.train.ControllerError as error:
-        raise named_controller_error(error, store) from None
-    except ray.train.WorkerGroupError as error:
-        raise named_worker_error(error) from None
+        print_redacted(
+            f"run {cfg.train.run_name}: {cfg.train.num_workers} workers on "
+            f"{'GPU' if use_gpu else 'CPU'}, {precision}, ZeRO-{cfg.train.zero_stage}; "
+            f"{cfg.train.steps} steps x {cfg.train.batch_size} pairs; store {run_uri}"
+        )
+        announce_start(store, start)
+        if val_shards is not None:
+            every = cfg.train.eval_every or cfg.train.checkpoint_every
+            print_redacted(
+                f"evaluating on {cfg.data.val_spec()} (val split, {cfg.train.eval_samples} "
+                f"images) every {every} steps: {VAL_LANDMARK_ERROR}"
+            )
+        if tracker is not None:
+            print_redacted(f"MLflow: run {tracker.run_id} at {tracker.tracking_uri}")
+        try:
+            with printing_lines(lines):
+                result = fit_interruptibly(trainer)
+        except KeyboardInterrupt:
+            if tracker is not None:
+                tracker.end_status = "KILLED"
+            raise Interrupted(stop_workers(store)) from None
+        except ray.train.ControllerError as error:
+            raise named_controller_error(error, store) from None
+        except ray.train.WorkerGroupError as error:
+            raise named_worker_error(error) from None
 
-    latest = store.latest()
-    final = store.uri(latest.path) if latest else "none"
+        latest = store.latest()
+        final = store.uri(latest.path) if latest else "none"
+        curves = write_training_curves(log_folder)
+        # Read back: the reporter appended the records in Ray Train's controller, not here.
+        records = read_records(metrics_log.path) if metrics_log.path.is_file() else []
+        summary = write_summary(log_folder, cfg, run_uri, final, records)
+        if tracker is not None:
+            for path in (summary, metrics_log.path, curves, log_folder / RUN_CONFIG_NAME):
+                if path is not None:
+                    tracker.log_file(path)
     print_redacted(
         f"checkpoint: {final}\n"
         f"metrics:    {metrics_log.path}\n"
-        f"run folder: {store.uri(store.run_path)} (config, checkpoints, Ray Train's state)\n"
+        f"curves:     {curves}\n"
+        f"summary:    {summary}\n"
+        f"run folder: {run_uri} (config, checkpoints, Ray Train's state)\n"
         f"TensorBoard: tensorboard --logdir {log_folder / TENSORBOARD_NAME}"
     )
     return result
+
+
+def write_summary(
+    log_folder: Path, cfg: Config, run_uri: str, checkpoint: str, records: list[dict[str, Any]]
+) -> Path:
+    """summary.json beside metrics.jsonl: where the run ended, its last report, and its best
+    validation error (with the step it was measured at), if it evaluated."""
+    evaluated = [record for record in records if VAL_LANDMARK_ERROR in record]
+    best = min(evaluated, key=lambda record: record[VAL_LANDMARK_ERROR], default=None)
+    summary = {
+        "run_name": cfg.train.run_name,
+        "run": run_uri,
+        "checkpoint": checkpoint,
+        "steps": cfg.train.steps,
+        "final": records[-1] if records else {},
+        "best": {"step": best["step"], VAL_LANDMARK_ERROR: best[VAL_LANDMARK_ERROR]}
+        if best
+        else None,
+    }
+    path = log_folder / SUMMARY_NAME
+    path.write_text(json.dumps(redacted(summary), indent=1) + "\n")
+    return path
 
 
 class Interrupted(Exception):
@@ -269,9 +328,17 @@ class RunReporter(UserCallback):
     where the checkpoint is marked complete; the metrics go to the run's log and a progress
     line to the driver."""
 
-    def __init__(self, store: CheckpointStore, metrics_log: MetricsLog, cfg: Config, lines: Queue):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        metrics_log: MetricsLog,
+        cfg: Config,
+        lines: Queue,
+        tracker: MlflowRun | None = None,
+    ):
         self.store = store
         self.metrics_log = metrics_log
+        self.tracker = tracker
         self.total_steps = cfg.train.steps
         self.keep_checkpoints = cfg.train.keep_checkpoints
         self.max_failures = cfg.train.max_failures
@@ -299,6 +366,9 @@ class RunReporter(UserCallback):
                 f"resumed from the latest checkpoint: the reports from step {record['step']} "
                 "on replace those of the failed attempt"
             )
+        if self.tracker is not None:
+            # MLflow keeps every value logged: after a resume, a step reported again has two.
+            self.track(f"the metrics of step {record['step']}", self.tracker.log_metrics, record)
         if checkpoint is not None:
             self.store.prune(self.keep_checkpoints)
         if checkpoint is not None and scores:  # only an evaluated step has pictures
@@ -317,6 +387,19 @@ class RunReporter(UserCallback):
                         pictures[tag] = stream.read()
         for tag, png in pictures.items():
             self.metrics_log.add_image(tag, png, step)
+            if self.tracker is not None:
+                name = f"{tag.removeprefix(VAL_PREFIX).replace('/', '_')}.png"
+                folder = f"{EVALUATION_FOLDER}/step_{step:08d}"
+                self.track(f"{folder}/{name}", self.tracker.log_bytes, png, name, folder)
+
+    def track(self, what: str, log: Callable[..., None], *args: Any) -> None:
+        """`log(*args)` into MLflow; a failure is a warning line, and training goes on: a
+        tracking server's outage must not end a run that the store and metrics.jsonl record."""
+        try:
+            log(*args)
+        except Exception as error:  # MlflowException, a connection error, a full disk
+            first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+            self.lines.put(f"warning: MLflow: could not log {what}: {first_line}")
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in sorted(worker_exceptions.items()):

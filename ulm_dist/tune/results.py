@@ -8,6 +8,7 @@ The table (`trials.parquet`) and the plot go into the sweep's folder, local or S
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class SweepResults:
     trials: list[TrialResult]
     log_folder: Path
     written: dict[str, str] = field(default_factory=dict)  # what was written: table, plot
+    files: dict[str, bytes] = field(default_factory=dict)  # and their contents, by file name
     exported: Path | None = None
 
     def ranked(self) -> list[TrialResult]:
@@ -80,18 +82,26 @@ class SweepResults:
 
     def write(self, folder: StorageFolder) -> None:
         """The table and the plot into the sweep's folder."""
-        table_path = f"{folder.path}/{TABLE_NAME}"
-        pq.write_table(pa.Table.from_pylist(self.rows()), table_path, filesystem=folder.filesystem)
-        self.written["table"] = folder.uri(table_path)
+        table = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self.rows()), table)
+        self.files[TABLE_NAME] = table.getvalue()
+        self._write(folder, "table", TABLE_NAME)
         points = [(t.params, t.best) for t in self.trials if t.best is not None]
         if points:
-            image = plot_metric_against_parameters(
+            figure = plot_metric_against_parameters(
                 points, list(self.sweep.space.values()), self.sweep.metric, self.sweep.mode
             )
-            plot_path = f"{folder.path}/{self.sweep.metric.replace('/', '_')}.png"
-            with folder.filesystem.open_output_stream(plot_path) as stream:
-                image.save(stream, format="PNG")
-            self.written["plot"] = folder.uri(plot_path)
+            png = io.BytesIO()
+            figure.savefig(png, format="png")
+            plot_name = f"{self.sweep.metric.replace('/', '_')}.png"
+            self.files[plot_name] = png.getvalue()
+            self._write(folder, "plot", plot_name)
+
+    def _write(self, folder: StorageFolder, what: str, name: str) -> None:
+        path = f"{folder.path}/{name}"
+        with folder.filesystem.open_output_stream(path) as stream:
+            stream.write(self.files[name])
+        self.written[what] = folder.uri(path)
 
     def summary(self) -> str:
         """What the terminal shows at the end: the ranking, the best trial, where things are."""

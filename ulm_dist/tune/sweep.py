@@ -14,15 +14,19 @@ Everything lives in the sweep's folder, `<storage>/<name>/` (local or S3):
     <name>/<metric>.png         the metric against each searched parameter
 
 and TensorBoard logs of every trial under `<log_dir>/<name>/` (`tensorboard --logdir` there).
-At the end the best trial's checkpoint is exported (`deploy/export.py`). Running the same
-command again continues an interrupted sweep (Tuner.restore): finished trials are kept,
-unfinished ones continue from their runs' latest checkpoints, and the searcher picks up
-where it was.
+With the base job's `train.tracking: mlflow`, the sweep is one MLflow run (its fields as
+params; the table, the plot and the ranking as artifacts) and each trial's training run is a
+child of it (`train/tracking.py`). At the end the best trial's checkpoint is exported
+(`deploy/export.py`). Running the same command again continues an interrupted sweep
+(Tuner.restore): finished trials are kept, unfinished ones continue from their runs' latest
+checkpoints, and the searcher picks up where it was (in MLflow, as a new parent run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -38,7 +42,9 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ulm_dist.config import Config, ConfigError
 from ulm_dist.deploy.export import ExportError, resolve_checkpoint
 from ulm_dist.deploy.export import export as export_artifact
+from ulm_dist.deploy.onnx_detector import can_export
 from ulm_dist.deploy.trained import load_trained
+from ulm_dist.extras import MissingExtraError
 from ulm_dist.redaction import print_redacted
 from ulm_dist.storage import S3Options, StorageError, StorageFolder, s3_options
 from ulm_dist.train.driver import train
@@ -49,6 +55,14 @@ from ulm_dist.train.preflight import (
     prepare_data,
     start_ray,
 )
+from ulm_dist.train.tracking import (
+    SWEEP_TAG,
+    MlflowRun,
+    TrackingError,
+    check_tracking,
+    flat_params,
+    mlflow_run,
+)
 from ulm_dist.tune.config import SweepConfig, load_sweep_config
 from ulm_dist.tune.results import SweepResults, collect_results
 
@@ -56,6 +70,7 @@ from ulm_dist.tune.results import SweepResults, collect_results
 # Ray refuses an empty resource request, hence a token share instead of none.
 TRIAL_DRIVER_CPUS = 0.01
 TRIAL_RUNS = "runs"
+SUMMARY_NAME = "summary.txt"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep_config(args.config)
         results = run_sweep(sweep, verbose=args.verbose)
-    except (ConfigError, StorageError, ExportError) as error:
+    except (ConfigError, StorageError, ExportError, MissingExtraError, TrackingError) as error:
         print_redacted(f"ulm_dist.tune: error: {error}", file=sys.stderr)
         return 2
     if results is None:
@@ -86,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     """Run (or continue) the sweep; the results once every trial is done, else None."""
     base = sweep.base_config()
+    check_tracking(base)
     folder = StorageFolder(sweep.storage, sweep.name, s3_options(base.data))
     folder.check_writable()
     # Checked (and the synthetic set generated, the ImageNet weights fetched) once, before Ray
@@ -109,25 +125,32 @@ def run_sweep(sweep: SweepConfig, verbose: bool = False) -> SweepResults | None:
     # Tune would start each trial in a scratch folder of its own; staying in the working
     # folder keeps relative paths in the job meaning the same. Tune passes this on to trials.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, sweep=sweep, fixed=fixed, verbose=verbose),
-        {"cpu": TRIAL_DRIVER_CPUS},
-    )
-    tuner = make_tuner(sweep, base, folder, trainable, use_gpu)
-    grid = tuner.fit()
-
-    unfinished = unfinished_trials(folder)
-    if unfinished:
-        print(
-            f"sweep {sweep.name} interrupted with {unfinished} of {len(grid)} trials not done; "
-            "run the same command again to continue it",
-            flush=True,
+    with sweep_tracking(sweep, base, folder) as parent:
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(
+                run_trial, sweep=sweep, fixed=fixed, verbose=verbose, parent=parent
+            ),
+            {"cpu": TRIAL_DRIVER_CPUS},
         )
-        return None
-    results = collect_results(grid, sweep, base, runs_uri, log_folder)
-    results.write(folder)
-    export_dir = Path(sweep.export_dir or log_folder / "best").expanduser().resolve()
-    results.exported = export_best(results, export_dir, s3_options(base.data))
+        tuner = make_tuner(sweep, base, folder, trainable, use_gpu)
+        grid = tuner.fit()
+
+        unfinished = unfinished_trials(folder)
+        if unfinished:
+            print(
+                f"sweep {sweep.name} interrupted with {unfinished} of {len(grid)} trials not "
+                "done; run the same command again to continue it",
+                flush=True,
+            )
+            if parent is not None:
+                parent.end_status = "KILLED"
+            return None
+        results = collect_results(grid, sweep, base, runs_uri, log_folder)
+        results.write(folder)
+        export_dir = Path(sweep.export_dir or log_folder / "best").expanduser().resolve()
+        results.exported = export_best(results, export_dir, s3_options(base.data))
+        if parent is not None:
+            track_results(parent, results)
     print_redacted(results.summary())
     return results
 
@@ -179,11 +202,51 @@ def unfinished_trials(folder: StorageFolder) -> int:
     return sum(trial.status not in done for trial in analysis.trials)
 
 
-def run_trial(params: dict[str, Any], sweep: SweepConfig, fixed: list[str], verbose: bool) -> None:
-    """One trial: a training run named after the trial, in the sweep's folders."""
+def run_trial(
+    params: dict[str, Any],
+    sweep: SweepConfig,
+    fixed: list[str],
+    verbose: bool,
+    parent: MlflowRun | None = None,
+) -> None:
+    """One trial: a training run named after the trial, in the sweep's folders; in MLflow,
+    a child of the sweep's run `parent`."""
     run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
     cfg = sweep.trial_config(params, [*fixed, f"train.run_name={run_name}"])
-    train(cfg, verbose, callbacks=[MetricReporter(sweep.metric)])
+    train(cfg, verbose, callbacks=[MetricReporter(sweep.metric)], tracking_parent=parent)
+
+
+def sweep_tracking(
+    sweep: SweepConfig, base: Config, folder: StorageFolder
+) -> contextlib.AbstractContextManager[MlflowRun | None]:
+    """The sweep's parent run in MLflow when the base job has `train.tracking: mlflow`
+    (`train/tracking.py`): the sweep's fields as params, each searched parameter as
+    `space.<path>`; the trials' training runs are its children. None otherwise."""
+    if base.train.tracking != "mlflow":
+        return contextlib.nullcontext()
+    fields = {name: value for name, value in dataclasses.asdict(sweep).items() if name != "space"}
+    space = {
+        f"space.{path}": f"{parameter.kind} {list(parameter.values)}"
+        for path, parameter in sweep.space.items()
+    }
+    return mlflow_run(
+        base.train.tracking_uri,
+        base.train.tracking_experiment,
+        sweep.name,
+        {**flat_params(fields), **space},
+        {SWEEP_TAG: folder.uri(folder.path)},
+    )
+
+
+def track_results(parent: MlflowRun, results: SweepResults) -> None:
+    """The sweep's table, plot and ranking as the parent run's artifacts; the best value of
+    the metric as its metric `best/<metric>`."""
+    for name, data in results.files.items():
+        parent.log_bytes(data, name)
+    parent.log_bytes(results.summary().encode(), SUMMARY_NAME)
+    best = results.best()
+    if best is not None:
+        parent.log_metrics({"step": best.step or 0, f"best/{results.sweep.metric}": best.best})
 
 
 def trial_run_name(trial: Any) -> str:
@@ -284,4 +347,7 @@ def export_best(results: SweepResults, out: Path, s3: S3Options) -> Path | None:
         return None
     uri, reason = resolve_checkpoint(best.run, "best", s3)
     print_redacted(f"exporting {best.name}: {uri} ({reason})")
-    return export_artifact(load_trained(uri, s3), out, reason, overwrite=True)
+    # With detector.onnx where the `onnx` extra is installed: a missing extra must not fail a
+    # finished sweep at its last step.
+    trained = load_trained(uri, s3)
+    return export_artifact(trained, out, reason, overwrite=True, onnx=can_export())
