@@ -83,13 +83,13 @@ RUN if [ -n "${VGG16_URL}" ]; then \
 # 5. The project's dependencies, read from pyproject.toml alone: rebuilt when they change,
 #    not on every source edit. (scripts/setup makes a .venv for development machines; here
 #    the image's own Python is the environment, the one `ray start` runs in.) With the
-#    extras a cluster job uses: mlflow (train.tracking: mlflow, written from the node that
-#    runs Ray Train's controller) and onnx (detector.onnx in a sweep's export of its best
-#    trial). onnxruntime is the CPU build: predict runs on the CPU here unless
+#    extras a cluster job uses: datasets (prepare's MATLAB files), mlflow (train.tracking:
+#    mlflow, written from the node that runs Ray Train's controller) and onnx (detector.onnx
+#    in a sweep's export of its best trial). onnxruntime is the CPU build: predict runs on the CPU here unless
 #    onnxruntime-gpu is installed in its place.
 COPY --chown=ray:users pyproject.toml ./
 RUN --mount=type=cache,target=/home/ray/.cache/pip,uid=1000,gid=100 \
-    python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = project['optional-dependencies']; print(*project['dependencies'], *extras['mlflow'], *extras['onnx'], sep='\n')" \
+    python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = project['optional-dependencies']; print(*project['dependencies'], *extras['mlflow'], *extras['onnx'], *extras['datasets'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -3,6 +3,7 @@
     ulm-dist[onnx]     onnx, onnxscript, onnxruntime: detector.onnx, `predict --runtime onnx`
     ulm-dist[mlflow]   mlflow: `train.tracking: mlflow`
     ulm-dist[sweep]    optuna: `search.algorithm: optuna`
+    ulm-dist[datasets] scipy: `python -m ulm_dist.data prepare aflw|h36m` (MATLAB files)
 
 `./scripts/setup` installs all of them (the `test` extra includes them).
 """

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ulm_dist.extras import require
+
 
 class AnnotationError(ValueError):
     """An annotation file that is not in its publisher's format."""
@@ -83,13 +85,8 @@ def read_annotation_lines(
 def load_mat(path: Path, what: str) -> dict[str, Any]:
     """The variables of a MATLAB (v5/v7) file, as `scipy.io.loadmat` gives them."""
     require_file(path, what)
+    scipy_io = require("scipy.io", "datasets", f"reading {path}")
     try:
-        import scipy.io
-    except ImportError as error:
-        raise ImportError(
-            f"reading {path} needs SciPy (scipy.io.loadmat); install it with pip install scipy"
-        ) from error
-    try:
-        return scipy.io.loadmat(str(path))
+        return scipy_io.loadmat(str(path))
     except Exception as error:  # scipy raises several kinds for a file that is not a .mat
         raise AnnotationError(f"{path}: cannot read it as a MATLAB file ({error})") from error
