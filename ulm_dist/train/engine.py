@@ -9,6 +9,7 @@ inside the engine: compiled or not (`train.compile`), its convolutions channels-
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +19,8 @@ from ulm_dist.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
+
+logger = logging.getLogger(__name__)
 
 # DeepSpeed's own progress prints ("step=..., lr=...") would duplicate ours.
 _NEVER = 2**31 - 1
@@ -106,6 +109,12 @@ def build_engine(
     trainable = [parameter for parameter in learner.parameters() if parameter.requires_grad]
     engine, *_ = deepspeed.initialize(model=learner, model_parameters=trainable, config=config)
     if compile_backend is not None:
+        if engine.zero_optimization_partition_weights():
+            logger.warning(
+                "train.compile at ZeRO-3: DeepSpeed's parameter gathering runs in hooks that "
+                "break the compiled graph at every layer, and each layer is compiled again "
+                "(on CPU the step was 30 times slower than eager; BENCHMARKS.md, GPU speed)"
+            )
         engine.compile(backend=compile_backend)
     return engine
 
