@@ -118,6 +118,9 @@ def plain_loop(
     if "channels-last" in options:
         convolutions_in_channels_last(learner)
     if "compile" in options:
+        # Dynamo does not guard on module hooks: without a reset, a variant would run the
+        # graph an earlier one compiled without its channels-last hooks.
+        torch._dynamo.reset()
         learner.compile(backend=compile_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -208,6 +211,7 @@ def deepspeed_loop(
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(verbose=False)
     train = dataclasses.replace(cfg.train, zero_stage=zero, batch_size=len(pair[0]))
+    torch._dynamo.reset()  # as in `plain_loop`: each row compiles its own graphs
     engine = build_engine(
         build_learner(cfg.model, cfg.loss),
         deepspeed_config(train, 1, precision),
