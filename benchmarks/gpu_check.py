@@ -32,7 +32,10 @@ mean nothing. Everything the stages write, their JSON and logs, goes to `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -124,12 +127,16 @@ def run_stage(
     log_path = out / f"{name}.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:
+        # A session of its own, so that a stage past its limit is stopped with everything it
+        # started (the train stage's Ray processes, the loaders' workers).
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            done = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s, check=False
-            )
-            problem = None if done.returncode == 0 else f"exit code {done.returncode}"
+            code = process.wait(timeout=limit_s)
+            problem = None if code == 0 else f"exit code {code}"
         except subprocess.TimeoutExpired:
+            stop_session(process)
             problem = f"timed out after {limit_s:.0f} s"
     stage = Stage(name, seconds=time.perf_counter() - started, problem=problem)
     if problem is None:
@@ -140,6 +147,17 @@ def run_stage(
     if stage.problem:
         stage.problem += f" (log: {log_path})"
     return stage
+
+
+def stop_session(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """Ctrl-C to the process's session (ulm_dist.train then stops its Ray workers), and
+    SIGKILL to whatever is left after `grace_s`."""
+    os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):  # the session may be gone already
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def gpu_step(sizes: Sizes, preset: list[str], out: Path, name: str, *extra: str) -> list[str]:

@@ -1,11 +1,13 @@
 """The benchmark scripts, run as users run them with small sizes on the CPU, write the JSON
 that BENCHMARKS.md's tables come from. Their speeds are printed, never asserted here."""
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from benchmarks.gpu_check import Stage, run_stage, table
@@ -102,12 +104,20 @@ def test_gpu_check_keeps_every_stage_row_when_stages_fail_or_hang(tmp_path):
     def python(code: str) -> list[str]:
         return [sys.executable, "-c", code]
 
+    # The hung stage has started a process of its own, which must not outlive it.
+    started = tmp_path / "started.pid"
+    hang = (
+        "import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
+        f"open({str(started)!r}, 'w').write(str(child.pid)); time.sleep(30)"
+    )
     stages = {
-        "paper": run_stage("paper", python("import time; time.sleep(30)"), 0.5, tmp_path, dict),
+        "paper": run_stage("paper", python(hang), 2, tmp_path, dict),
         "zero": run_stage("zero", python("raise SystemExit(3)"), 30, tmp_path, dict),
         "data": Stage("data", problem="not run: the 450 s budget is spent"),
     }
     rows = table(stages, "cpu").splitlines()[4:]
-    assert rows[0].startswith("| paper |") and "timed out after 0 s" in rows[0]
+    assert rows[0].startswith("| paper |") and "timed out after 2 s" in rows[0]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert psutil.Process(int(started.read_text())).status() == psutil.STATUS_ZOMBIE
     assert rows[1].startswith("| zero |") and "exit code 3" in rows[1]
     assert "log: " in rows[1] and rows[2].endswith("| not run: the 450 s budget is spent |")
