@@ -113,7 +113,8 @@ def build_engine(
             logger.warning(
                 "train.compile at ZeRO-3: DeepSpeed's parameter gathering runs in hooks that "
                 "break the compiled graph at every layer, and each layer is compiled again "
-                "(on CPU the step was 30 times slower than eager; BENCHMARKS.md, GPU speed)"
+                "(on CPU a step took 30 times as long as a compiled one without ZeRO-3; "
+                "BENCHMARKS.md, GPU speed)"
             )
         engine.compile(backend=compile_backend)
     return engine
