@@ -113,7 +113,7 @@ def build_engine(
             logger.warning(
                 "train.compile at ZeRO-3: DeepSpeed's parameter gathering runs in hooks that "
                 "break the compiled graph at every layer, and each layer is compiled again "
-                "(on CPU a step took 30 times as long as a compiled one without ZeRO-3; "
+                "(on CPU a step took 15-30 times as long as a compiled one without ZeRO-3; "
                 "BENCHMARKS.md, GPU speed)"
             )
         engine.compile(backend=compile_backend)
