@@ -1,13 +1,16 @@
 """The benchmark scripts, run as users run them with small sizes on the CPU, write the JSON
 that BENCHMARKS.md's tables come from. Their speeds are printed, never asserted here."""
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
+from benchmarks.gpu_check import Stage, run_stage, table
 from benchmarks.gpu_step import scaling_table
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -74,3 +77,47 @@ def test_data_throughput_covers_every_source_pair_kind_and_loader_count(tmp_path
     for row in report["loaders"]:
         assert row["pairs_per_s"] > 0
         assert row["processes_per_gpu"] == pytest.approx(100 / row["pairs_per_s_per_process"])
+
+
+def test_gpu_check_smoke_prints_eager_and_compiled_rows_in_one_table(tmp_path):
+    # The tiny stage only: the others run the same runner and table with other scripts,
+    # and the whole --cpu-smoke takes minutes on 2 cores (BENCHMARKS.md, GPU speed).
+    script = [sys.executable, str(BENCHMARKS / "gpu_check.py")]
+    done = subprocess.run(
+        [*script, "--cpu-smoke", "--stages", "tiny", "--out", str(tmp_path)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [row.split(" | ")[1].split(",")[0] for row in rows] == [
+        "plain",
+        "plain compile+channels-last",
+    ], done.stdout
+    for row in rows:
+        pairs_per_s = float(row.split(" | ")[2].replace(",", ""))
+        assert pairs_per_s > 0 and row.endswith("| aot_eager |")
+
+
+def test_gpu_check_keeps_every_stage_row_when_stages_fail_or_hang(tmp_path):
+    def python(code: str) -> list[str]:
+        return [sys.executable, "-c", code]
+
+    # The hung stage has started a process of its own, which must not outlive it.
+    started = tmp_path / "started.pid"
+    hang = (
+        "import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
+        f"open({str(started)!r}, 'w').write(str(child.pid)); time.sleep(30)"
+    )
+    stages = {
+        "paper": run_stage("paper", python(hang), 2, tmp_path, dict),
+        "zero": run_stage("zero", python("raise SystemExit(3)"), 30, tmp_path, dict),
+        "data": Stage("data", problem="not run: the 450 s budget is spent"),
+    }
+    rows = table(stages, "cpu").splitlines()[4:]
+    assert rows[0].startswith("| paper |") and "timed out after 2 s" in rows[0]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert psutil.Process(int(started.read_text())).status() == psutil.STATUS_ZOMBIE
+    assert rows[1].startswith("| zero |") and "exit code 3" in rows[1]
+    assert "log: " in rows[1] and rows[2].endswith("| not run: the 450 s budget is spent |")

@@ -346,6 +346,22 @@ class TrainConfig:
         "which waits for each one to finish: on GPUs communication then stops overlapping "
         "with compute, so leave it off outside benchmarks",
     )
+    compile: bool = option(
+        False,
+        "torch.compile the learner (its forward and backward) with train.compile_backend; off "
+        "by default: no GPU measurement shows yet that it pays for its compile time "
+        "(BENCHMARKS.md, GPU speed)",
+    )
+    compile_backend: Literal["inductor", "aot_eager"] = option(
+        "inductor",
+        "train.compile's backend: inductor generates fused kernels; aot_eager only captures "
+        "the graphs and runs them op by op (no code generation), to debug a compile problem",
+    )
+    channels_last: bool = option(
+        False,
+        "run every convolution on channels-last (NHWC) activations, the layout of GPU tensor "
+        "cores; off by default until measured on a GPU (BENCHMARKS.md, GPU speed)",
+    )
 
     def validate(self) -> None:
         check_folder_name(self.run_name, "train.run_name")

@@ -6,6 +6,7 @@ from ulm_dist.models.priors import (
     WarpedDetections,
     concentration_loss,
     landmark_priors,
+    off_diagonal,
     separation_loss,
 )
 from ulm_dist.models.similarity import random_warps
@@ -31,6 +32,13 @@ def test_separation_pushes_landmarks_apart_and_is_zero_for_one_landmark():
     # Descending the gradient moves the left landmark left and the right one right.
     assert points.grad[0, 0, 0] > 0 and points.grad[0, 1, 0] < 0
     assert separation_loss(torch.zeros(3, 1, 2), std=0.2).item() == 0
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_off_diagonal_entries_are_those_a_mask_of_the_diagonal_picks_in_order(count):
+    square = torch.randn(3, count, count)
+    distinct = ~torch.eye(count, dtype=torch.bool)
+    assert torch.equal(off_diagonal(square), square[:, distinct])
 
 
 def test_priors_with_zero_weight_are_not_computed():

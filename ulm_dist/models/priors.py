@@ -47,8 +47,19 @@ def separation_loss(points: torch.Tensor, std: float) -> torch.Tensor:
         return points.new_zeros((), dtype=torch.float32)
     points = points.float()
     squared = ((points[:, :, None] - points[:, None]) ** 2).sum(-1)
-    distinct = ~torch.eye(count, dtype=torch.bool, device=points.device)
-    return torch.exp(-squared[:, distinct] / (2 * std**2)).mean()
+    return torch.exp(-off_diagonal(squared) / (2 * std**2)).mean()
+
+
+def off_diagonal(square: torch.Tensor) -> torch.Tensor:
+    """The K (K - 1) off-diagonal entries of (B, K, K), row by row: (B, K (K - 1)).
+
+    Flattened, the diagonal sits every K + 1 entries from the first; dropping the first and
+    reading the rest as K - 1 rows of K + 1 puts each later diagonal entry last in a row.
+    Views and a slice only: a boolean mask would be a data-dependent shape (a nonzero), which
+    breaks torch.compile's graph.
+    """
+    b, k, _ = square.shape
+    return square.flatten(1)[:, 1:].view(b, k - 1, k + 1)[:, :, :-1].reshape(b, -1)
 
 
 def concentration_loss(spread: torch.Tensor) -> torch.Tensor:

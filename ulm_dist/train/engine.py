@@ -1,13 +1,15 @@
 """DeepSpeed wiring: our `TrainConfig` -> a DeepSpeed config, and the engine around a learner
 (what a checkpoint holds of it is in `checkpoint.py`).
 
-This is the one place that knows the ZeRO stage and the precision. The training loop only
-calls the engine (`engine(...)`, `backward`, `step`) and the helpers here, so it reads the
-same whether the state is sharded or not.
+This is the one place that knows the ZeRO stage and the precision, and how the learner runs
+inside the engine: compiled or not (`train.compile`), its convolutions channels-last or not
+(`train.channels_last`). The training loop only calls the engine (`engine(...)`, `backward`,
+`step`) and the helpers here, so it reads the same whether the state is sharded or compiled.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +19,8 @@ from ulm_dist.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
+
+logger = logging.getLogger(__name__)
 
 # DeepSpeed's own progress prints ("step=..., lr=...") would duplicate ours.
 _NEVER = 2**31 - 1
@@ -78,19 +82,62 @@ def lr_scheduler(train: TrainConfig) -> dict[str, Any]:
     }
 
 
-def build_engine(learner: nn.Module, config: dict[str, Any]) -> DeepSpeedEngine:
+def build_engine(
+    learner: nn.Module,
+    config: dict[str, Any],
+    *,
+    compile_backend: str | None = None,
+    channels_last: bool = False,
+) -> DeepSpeedEngine:
     """Wrap `learner`; only its trainable parameters reach the optimizer.
 
     The frozen perceptual network stays out of the optimizer (no Adam state for it); under
     ZeRO-3 its weights are still partitioned and gathered like the others'.
+
+    `compile_backend` (None: eager) compiles the learner in place, through DeepSpeed's
+    `engine.compile`, which calls `module.compile`: the learner's state-dict keys stay its
+    own (`torch.compile(learner)` would prefix them with `_orig_mod.`), so checkpoints of
+    compiled and eager runs load into each other. `channels_last`: see
+    `convolutions_in_channels_last`.
     """
     # Imported on use: the driver imports this module but never trains, and importing
     # DeepSpeed probes for an accelerator (and warns on CPU-only machines).
     import deepspeed
 
+    if channels_last:
+        convolutions_in_channels_last(learner)
     trainable = [parameter for parameter in learner.parameters() if parameter.requires_grad]
     engine, *_ = deepspeed.initialize(model=learner, model_parameters=trainable, config=config)
+    if compile_backend is not None:
+        if engine.zero_optimization_partition_weights():
+            logger.warning(
+                "train.compile at ZeRO-3: DeepSpeed's parameter gathering runs in hooks that "
+                "break the compiled graph at every layer, and each layer is compiled again "
+                "(on CPU a step took 15-30 times as long as a compiled one without ZeRO-3; "
+                "BENCHMARKS.md, GPU speed)"
+            )
+        engine.compile(backend=compile_backend)
     return engine
+
+
+def convolutions_in_channels_last(learner: nn.Module) -> None:
+    """Hand every 2D convolution of `learner` its input channels-last (NHWC), so that it runs,
+    and returns its output, in that layout whatever the weights' layout.
+
+    The weights themselves cannot be channels-last here: DeepSpeed broadcasts and flattens
+    parameters as contiguous buffers (a channels-last weight fails its broadcast), so each
+    convolution converts its weight, a small tensor next to the activations, on the fly.
+    The input is converted per convolution rather than once for the images because the
+    concatenations with rendered heatmaps (NCHW) in between would turn it back.
+    """
+    for module in learner.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_pre_hook(_channels_last_input)
+
+
+def _channels_last_input(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+    (images,) = inputs
+    return (images.contiguous(memory_format=torch.channels_last),)
 
 
 def input_dtype(engine: DeepSpeedEngine) -> torch.dtype:

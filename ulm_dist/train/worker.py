@@ -64,7 +64,12 @@ def train_func(config: dict[str, Any]) -> None:
     # The same seed everywhere gives every worker the same initial weights.
     seed_everything(train.seed)
     learner = build_learner(cfg.model, cfg.loss)
-    engine = build_engine(learner, deepspeed_config(train, world_size, config["precision"]))
+    engine = build_engine(
+        learner,
+        deepspeed_config(train, world_size, config["precision"]),
+        compile_backend=train.compile_backend if train.compile else None,
+        channels_last=train.channels_last,
+    )
     # Loaded before the per-worker seeding below: starting a DataLoader draws from the global
     # RNG, and here that draw cannot change what training sees after a resume.
     validation = load_validation(cfg, config["val_shards"])
