@@ -27,14 +27,27 @@ paper's experiments on that data set and the code that was read.
   side of the image, which the importer makes the bird's bounding box squared, i.e. over the
   box's longer side (Zhang et al. 2018 and Lorenz et al., "Unsupervised Part-Based
   Disentangling of Object Shape and Appearance", CVPR 2019, experiments on CUB).
-- `h36m`: the simplified Human3.6M, fit on subjects S1-S9, tested on S11; the pixel error over
-  the image side, in percent (Zhang et al. 2018, experiments on Human3.6M; Lorenz et al.
-  2019, whose 2.79 is "normalised by image size"; the frames are keypointgan's 128 pixels).
+- `h36m`: the simplified Human3.6M, fit on subjects S1-S9, tested on S11, scored as
+  tomasjakab/keypointgan `test_pose.py` scores it (Jakab et al., "Self-supervised Learning of
+  Interpretable Keypoints from Unlabelled Videos", CVPR 2020, the code that compares against
+  Zhang et al. and Lorenz et al.): each image's mean joint error over the image side, the
+  smaller of the errors against the annotation and against its left-right swap
+  (`compute_mean_distance`), averaged per activity, then over the six activities
+  (`mean_distance_per_activity`). Its evaluation config (`configs/test_simple_human.yaml`)
+  has `used_points: all`, `error_form: image_size` and every frame (`sample_window: [0, 1]`):
+  the published numbers (Lorenz et al. 2019's 2.79, "normalised by image size"; Zhang et
+  al. 2018's, whose `evaluation/mean_error_IOD.m` treats 32 points as [0, 1] coordinates)
+  are over all 32 joints, so prepare with `--all-joints` to compare with them; the default
+  17 joints are keypointgan's `official_eval` set (`used_points: original`). Zhang et al.'s
+  own code pools all images and has no swap, so the papers' numbers were not all computed
+  one way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ulm_dist.data import ShardSet
 from ulm_dist.data.manifest import DatasetSummary
@@ -53,10 +66,13 @@ class ProtocolError(EvaluationError):
 class EvaluationProtocol:
     name: str
     normaliser: str  # one of regression.NORMALISERS
-    fit_split: str  # the split the regressor is fit on
-    test_split: str  # the split the error is reported on
+    fit_split: str  # the split the regressor is fit on (the error is reported on `test`)
     visible_only: bool  # fit and score only the points annotated as visible
-    reference: str  # where the protocol is published
+    reference: str  # where the protocol is published; written into summary.json
+    # Score each image by the smaller error of the annotation and its left-right swap.
+    flip_min: bool = False
+    # The metadata field whose groups are averaged separately, then the groups' means.
+    group_by: str | None = None
 
 
 PROTOCOLS = {
@@ -64,36 +80,38 @@ PROTOCOLS = {
         "mafl",
         "inter-ocular",
         "mafl_train",
-        "test",
         False,
-        "Jakab et al. 2018 and Zhang et al. 2018, experiments on MAFL",
+        "Jakab et al. 2018 (NeurIPS), MAFL experiments; Zhang et al. 2018 (CVPR), CelebA/MAFL "
+        "experiments; code: tomasjakab/imm, YutingZhang/lmdis-rep",
     ),
     "aflw": EvaluationProtocol(
         "aflw",
         "inter-ocular",
         "train",
-        "test",
         False,
-        "Jakab et al. 2018 and Zhang et al. 2018, experiments on AFLW",
+        "Jakab et al. 2018 (NeurIPS) and Zhang et al. 2018 (CVPR), AFLW experiments; code: "
+        "tomasjakab/imm, YutingZhang/lmdis-rep",
     ),
     "cub": EvaluationProtocol(
         "cub",
         "image-size",
         "train",
-        "test",
         True,
-        "Zhang et al. 2018 and Lorenz et al. 2019, experiments on CUB-200-2011",
+        "Zhang et al. 2018 (CVPR) and Lorenz et al. 2019 (CVPR), CUB-200-2011 experiments; "
+        "code: YutingZhang/lmdis-rep",
     ),
     "h36m": EvaluationProtocol(
         "h36m",
         "image-size",
         "train",
-        "test",
         False,
-        "Zhang et al. 2018 and Lorenz et al. 2019, experiments on Human3.6M",
+        "Zhang et al. 2018 (CVPR) and Lorenz et al. 2019 (CVPR), Human3.6M experiments; "
+        "code: tomasjakab/keypointgan test_pose.py",
+        flip_min=True,
+        group_by="activity",
     ),
 }
-GENERIC_FIT_SPLIT, GENERIC_TEST_SPLIT = "train", "test"
+GENERIC_FIT_SPLIT = "train"
 
 
 def protocol_of(summary: DatasetSummary | None) -> EvaluationProtocol | None:
@@ -144,9 +162,8 @@ def choose_normalisation(
     return Normalisation(normaliser)
 
 
-def fit_split_for(shards: ShardSet) -> str:
-    """The split the regressor is fit on, for the data set whose test split is `shards`."""
-    protocol = protocol_of(shards.summary)
+def fit_split_for(protocol: EvaluationProtocol | None) -> str:
+    """The split the regressor is fit on under `protocol` (None: the generic `train`)."""
     return protocol.fit_split if protocol else GENERIC_FIT_SPLIT
 
 
@@ -154,3 +171,30 @@ def uses_visibility(shards: ShardSet) -> bool:
     """Whether the shards' protocol counts only the visible annotated points."""
     protocol = protocol_of(shards.summary)
     return protocol is not None and protocol.visible_only
+
+
+def flip_permutation_for(shards: ShardSet) -> tuple[int, ...] | None:
+    """The layout's left-right permutation when the shards' protocol scores the better of an
+    annotation and its mirror (Human3.6M), else None."""
+    protocol = protocol_of(shards.summary)
+    if protocol is None or not protocol.flip_min:
+        return None
+    assert shards.summary is not None and shards.summary.layout is not None
+    return shards.summary.layout.flip_permutation
+
+
+def groups_for(shards: ShardSet, metadata: Sequence[dict[str, Any]]) -> list[str] | None:
+    """Each image's group (its metadata field named by the protocol's `group_by`), or None
+    when the shards' protocol does not group."""
+    protocol = protocol_of(shards.summary)
+    if protocol is None or protocol.group_by is None:
+        return None
+    field = protocol.group_by
+    lacking = sum(1 for record in metadata if field not in record)
+    if lacking:
+        raise ProtocolError(
+            f"the {protocol.name} protocol averages per {field}, but {lacking} of "
+            f"{len(metadata)} images have no {field!r} in their metadata; rebuild the shards "
+            f"with `python -m ulm_dist.data prepare {protocol.name}`"
+        )
+    return [str(record[field]) for record in metadata]

@@ -16,11 +16,14 @@ frames). The activities are directions, discussion, greeting, posing, waiting an
 a sequence belongs to one when the first word of its folder name is that activity.
 
 The 32 motion-capture joints hold duplicates and joints that never move independently; they
-are reduced to the 17 that keypointgan's `data/human36m_skeleton.py` evaluates
-(`official_eval`), in index order, or kept whole with `all_joints` (Zhang et al.'s own
-evaluation code takes all 32). Splits: `train` (S1-S9), `test` (S11) and `val`, the last
+are reduced to the 17 that keypointgan's `data/human36m_skeleton.py` names `official_eval`,
+in index order, or kept whole with `all_joints`. The published numbers are over all 32:
+keypointgan's test config (`configs/test_simple_human.yaml`, `used_points: all`) and Zhang et
+al.'s `evaluation/mean_error_IOD.m` take every joint, so prepare with `all_joints` to compare
+with them. Splits: `train` (S1-S9), `test` (S11) and `val`, the last
 tenth of `train` (in subject and sequence order: S9's last sequences), for choosing
-checkpoints. Each sample's metadata holds its subject, activity, sequence and frame.
+checkpoints. Each sample's metadata holds its subject, activity, sequence and frame; the
+evaluation protocol averages the error per `activity` (`ulm_dist.evaluate.protocols`).
 """
 
 from __future__ import annotations
