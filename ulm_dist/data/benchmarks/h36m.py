@@ -37,13 +37,18 @@ from ulm_dist.data.benchmarks.importer import (
     WHOLE_IMAGE,
     BenchmarkImport,
     BenchmarkItem,
-    last_tenth,
-    present_items,
+    ImportOptions,
+    present_splits,
 )
 from ulm_dist.data.layouts import LandmarkLayout
 
 NAME = "h36m"
 PROTOCOL = "h36m"
+# keypoints_2d are fractions of the frame in [0, 1], continuous: keypointgan multiplies them
+# by the frame's 128 pixels and uses them as they are (simplehuman36m_dataset.py), so no
+# shift. Whether 0 and 1 are the frame's edges or its outer pixels' centres (a 1/128 shift)
+# was not verified: the release's generating code was not found.
+PIXEL_ORIGIN = 0.0
 ACTIVITIES = ("directions", "discussion", "greeting", "posing", "waiting", "walking")
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8", "S9")
 TEST_SUBJECTS = ("S11",)
@@ -126,6 +131,7 @@ def subject_items(
                     landmarks=read_keypoints(landmarks_file)[list(joints)],
                     region=WHOLE_IMAGE,
                     annotated_size=(1.0, 1.0),
+                    origin_offset=PIXEL_ORIGIN,
                     mask=masks / sequence / f"{frame}.png" if with_masks else None,
                     metadata={
                         "subject": subject,
@@ -138,15 +144,10 @@ def subject_items(
     return items
 
 
-def collect(
-    source: Path,
-    image_size: int,
-    *,
-    frame_step: int = 1,
-    all_joints: bool = False,
-    keep_background: bool = False,
-) -> BenchmarkImport:
+def collect(source: Path, image_size: int, options: ImportOptions) -> BenchmarkImport:
     del image_size  # the whole frame is resized
+    frame_step, all_joints = options.frame_step, options.all_joints
+    keep_background = options.keep_background
     if frame_step < 1:
         raise ValueError(f"frame_step: expected 1 or more, got {frame_step}")
     joints = tuple(range(len(JOINT_NAMES))) if all_joints else EVALUATED_JOINTS
@@ -159,9 +160,7 @@ def collect(
         ]
         for split, subjects in (("train", TRAIN_SUBJECTS), ("test", TEST_SUBJECTS))
     }
-    missing: dict[str, list[str]] = {"train": [], "test": [], "val": []}
-    splits = {split: present_items(items, missing[split]) for split, items in candidates.items()}
-    splits["val"] = present_items(last_tenth(candidates["train"]), missing["val"])
+    splits, missing = present_splits(candidates, val_of="train")
     return BenchmarkImport(
         name=NAME,
         splits=splits,
