@@ -7,9 +7,10 @@ splits that `python -m ulm_dist.data prepare` writes). Data sets without a bench
 `train`, test on `test`, inter-ocular distance when the layout names eyes, else the diagonal
 of the annotated points' bounding box.
 
-The protocols, with where they are published. Section numbers are not given: the papers'
-texts were not at hand when this was written, only their code; each citation names the
-paper's experiments on that data set and the code that was read.
+The protocols, with where they are published. No section or table number is given because
+none could be verified: the papers' full texts could not be read here (the reference notes
+and the pages found carry their abstracts and a few numbers, not their section structure).
+Each citation names the paper's experiment on that data set and the code that was read.
 
 - `mafl`: Jakab et al., "Unsupervised Learning of Object Landmarks through Conditional Image
   Generation", NeurIPS 2018, experiments on faces (following Thewlis et al., ICCV 2017): a
@@ -18,15 +19,19 @@ paper's experiments on that data set and the code that was read.
   the inter-ocular distance (the two eye points). Zhang et al., "Unsupervised Discovery of
   Object Landmarks as Structural Representations", CVPR 2018, experiments on CelebA/MAFL: the
   same splits and normaliser (code: YutingZhang/lmdis-rep evaluation/face_evaluation.m and
-  mean_error_IOD.m; IMM's scripts/test.py).
+  mean_error_IOD.m; IMM's scripts/test.py). The fit uses all of `mafl_train`, as the papers
+  describe it; IMM's `celeba_dataset.py` fits on MAFL's training list less its last tenth.
 - `aflw`: the same regression and normaliser on AFLW's MAFL-style 5 points, fit on its
   10,122 training faces, tested on its 2,995 test faces (Jakab et al. 2018 and Zhang et al.
-  2018, experiments on AFLW; the same code).
+  2018, experiments on AFLW; the same code). IMM's `aflw_dataset.py` fits on the training
+  list less its last tenth; here all of `train`.
 - `cub`: CUB-200-2011's 15 parts, fit on the official training images, tested on the test
   images, each part fit and scored only where it is annotated as visible; the error over the
   side of the image, which the importer makes the bird's bounding box squared, i.e. over the
   box's longer side (Zhang et al. 2018 and Lorenz et al., "Unsupervised Part-Based
-  Disentangling of Object Shape and Appearance", CVPR 2019, experiments on CUB).
+  Disentangling of Object Shape and Appearance", CVPR 2019, experiments on CUB). Not
+  verified: which normaliser the papers used (image side or box size; no CUB evaluation code
+  was found, lmdis-rep's mean_error_IOD.m has no 15-point case), and their CUB numbers.
 - `h36m`: the simplified Human3.6M, fit on subjects S1-S9, tested on S11, scored as
   tomasjakab/keypointgan `test_pose.py` scores it (Jakab et al., "Self-supervised Learning of
   Interpretable Keypoints from Unlabelled Videos", CVPR 2020, the code that compares against
@@ -34,11 +39,12 @@ paper's experiments on that data set and the code that was read.
   smaller of the errors against the annotation and against its left-right swap
   (`compute_mean_distance`), averaged per activity, then over the six activities
   (`mean_distance_per_activity`). Its evaluation config (`configs/test_simple_human.yaml`)
-  has `used_points: all`, `error_form: image_size` and every frame (`sample_window: [0, 1]`):
-  the published numbers (Lorenz et al. 2019's 2.79, "normalised by image size"; Zhang et
-  al. 2018's, whose `evaluation/mean_error_IOD.m` treats 32 points as [0, 1] coordinates)
-  are over all 32 joints, so prepare with `--all-joints` to compare with them; the default
-  17 joints are keypointgan's `official_eval` set (`used_points: original`). Zhang et al.'s
+  has `used_points: all`, `error_form: image_size` and every frame (`sample_window: [0, 1]`),
+  and Zhang et al.'s `evaluation/mean_error_IOD.m` divides 32 points in [0, 1] by 1: the
+  numbers compared there (Lorenz et al. 2019's 2.79, "normalised by image size", whose own
+  joint set was not verified) are over all 32 joints, so prepare with `--all-joints` to
+  compare with them; the default 17 joints are keypointgan's `official_eval` set
+  (`used_points: original`). Zhang et al.'s
   own code pools all images and has no swap, so the papers' numbers were not all computed
   one way.
 """

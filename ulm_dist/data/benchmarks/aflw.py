@@ -17,7 +17,8 @@ and YutingZhang/lmdis-rep `evaluation/face_evaluation.m`, which divides column 1
 face. Both papers resize the whole crop to the model's square, without cropping, so the
 importer does too. The splits: `train` (every training face: the unsupervised fine-tuning
 set and the regressor's), `test`, and `val`, the last tenth of the training list (IMM's
-validation faces), for choosing checkpoints.
+validation faces), for choosing checkpoints. The regressor is fit on all of `train`; IMM's
+code (`aflw_dataset.py`) fits it on the training list less that last tenth.
 """
 
 from __future__ import annotations

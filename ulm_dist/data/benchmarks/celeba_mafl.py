@@ -25,10 +25,19 @@ lists beside it (IMM's `celeba.zip` has exactly this layout):
 - `val`: the last tenth of MAFL's training list (IMM's validation images), for choosing
   checkpoints during training without looking at `test`.
 
-Every image is framed as both papers' code frames it: the whole aligned image resized to a
-square of side round(S / 0.8) (IMM: 160 for S = 128; Zhang et al.: 100 for S = 80), then its
-centre S x S cut out. The 5 points keep CelebA's order, which is MAFL's: image-left eye,
-image-right eye, nose, image-left and image-right mouth corner.
+Every image is framed as both papers frame it: the whole aligned image resized to a square of
+side R = round(S / 0.8) (IMM: 160 for S = 128; Zhang et al.: 100 for S = 80), then its
+centre S x S cut out. The landmarks follow the image exactly, x by R / width and y by
+R / height. This departs from IMM's `celeba_dataset.py`, whose `_resize_points` multiplies
+the (x, y) points by (R / height, R / width), i.e. x by R / 218 and y by R / 178: its
+stored points are off by that factor (a fitted linear map absorbs much of it, not all).
+
+The regressor is fit on all of `mafl_train`, as Jakab et al. 2018 and Zhang et al. 2018
+describe it (19,000 faces). IMM's code fits on MAFL's training list less its last tenth
+(its validation faces, the `val` split here): its published errors come from 17,100 faces.
+
+The 5 points keep CelebA's order, which is MAFL's: image-left eye, image-right eye, nose,
+image-left and image-right mouth corner.
 """
 
 from __future__ import annotations
