@@ -150,6 +150,14 @@ def test_the_command_follows_the_mafl_protocol_of_prepared_shards(tmp_path, monk
     monkeypatch.setattr(
         command, "load_trained", lambda uri, s3: TrainedModel(config, learner, 7, uri)
     )
+    resolved = []
+
+    def prepare_shards(data, spec, split, **kwargs):
+        resolved.append(split)
+        return real_prepare_shards(data, spec, split, **kwargs)
+
+    real_prepare_shards = command.prepare_shards
+    monkeypatch.setattr(command, "prepare_shards", prepare_shards)
     out = tmp_path / "out"
     assert command.main(["ckpt", "--data", str(tmp_path / "shards"), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -158,4 +166,6 @@ def test_the_command_follows_the_mafl_protocol_of_prepared_shards(tmp_path, monk
         "mafl_train",
         "inter-ocular",
     )
+    # The test split's manifest names the protocol and its fit split: each read once.
+    assert resolved == ["test", "mafl_train"]
     assert (summary["fit_images"], summary["test_images"]) == (7, 3)  # MAFL train less 000005
