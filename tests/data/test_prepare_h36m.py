@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from shard_contents import read_split
 
-from ulm_dist.config import load_config
+from ulm_dist.config import DataConfig, load_config
+from ulm_dist.data import resolve_shards
 from ulm_dist.data.benchmarks import ImportOptions, collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.h36m import EVALUATED_JOINTS
@@ -21,6 +22,7 @@ from ulm_dist.data.build import WriteOptions
 from ulm_dist.data.shards import Encoding
 from ulm_dist.deploy.trained import TrainedModel
 from ulm_dist.evaluate import command
+from ulm_dist.evaluate.periodic import load_validation_set
 from ulm_dist.models import build_learner
 
 LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
@@ -144,3 +146,11 @@ def test_the_command_averages_the_test_activities(prepared, tmp_path, monkeypatc
     mean = sum(summary["per_group"].values()) / 2
     assert summary["landmark_error"] == pytest.approx(mean)
     assert "Human3.6M" in summary["reference"]
+
+
+def test_periodic_validation_reads_the_activities_and_the_flip(prepared):
+    data = DataConfig(num_workers=0)
+    shards = resolve_shards(data, str(prepared[0]), "test", image_size=16)
+    val = load_validation_set(data, shards, 16, samples=3)
+    assert sorted(val.groups) == ["waiting", "waiting", "walking"]
+    assert val.flip_permutation == prepared[1].layout.flip_permutation
