@@ -32,6 +32,7 @@ Each citation names the paper's experiment on that data set and the code that wa
   Disentangling of Object Shape and Appearance", CVPR 2019, experiments on CUB). Not
   verified: which normaliser the papers used (image side or box size; no CUB evaluation code
   was found, lmdis-rep's mean_error_IOD.m has no 15-point case), and their CUB numbers.
+  Lorenz et al.'s images are their own aligned crops, not squared boxes (`cub.py`).
 - `h36m`: the simplified Human3.6M, fit on subjects S1-S9, tested on S11, scored as
   tomasjakab/keypointgan `test_pose.py` scores it (Jakab et al., "Self-supervised Learning of
   Interpretable Keypoints from Unlabelled Videos", CVPR 2020, the code that compares against

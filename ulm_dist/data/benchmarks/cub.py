@@ -17,6 +17,13 @@ by its bounding box made square about its centre (side max(width, height), black
 reaches outside the image), so the stored image's side is the box's longer side. Every part
 keeps its visibility flag (`visible.npy` in the shards): evaluation fits and scores only the
 visible parts. The flip permutation pairs the parts named "left X" and "right X".
+
+Lorenz et al. 2019 did not use this framing: their CUB images are their own 300 x 300 crops,
+"cropped and aligned so that the viewing direction is to the left", with the 15 points in
+[0, 1] of the crop (CompVis/unsupervised-disentangling, `transfer-demo/original_code/
+custom_datasets/cub_200_2011/README.md`). Errors on these shards are therefore not directly
+comparable with theirs; the squared box is ours, the nearest framing the official files
+allow.
 """
 
 from __future__ import annotations
