@@ -1,8 +1,10 @@
 """The evaluation protocol of each benchmark, chosen from the layout in a split's manifest.
 
 A protocol fixes what `regression.landmark_regression` is given: the normaliser, whether only
-visible annotated points count, and the splits the regressor is fit on and tested on (the
-splits that `python -m ulm_dist.data prepare` writes). Data sets without a benchmark protocol
+visible annotated points count, whether a left-right swapped annotation may score an image,
+the per-image metadata field whose groups are averaged separately, and the split the
+regressor is fit on (the splits that `python -m ulm_dist.data prepare` writes; the error is
+reported on `test`, whose manifest names the protocol). Data sets without a benchmark protocol
 (faces68, the synthetic set, any `build` from a folder) keep the generic rule: fit on
 `train`, test on `test`, inter-ocular distance when the layout names eyes, else the diagonal
 of the annotated points' bounding box.

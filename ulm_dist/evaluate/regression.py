@@ -11,6 +11,8 @@ margin to have learned anything. Landmark layouts without eyes are normalised by
 of the annotated points' bounding box instead, and the benchmarks whose protocol says so by
 the image's side (`protocols.py`). With visibility flags (CUB's parts), each annotated
 landmark's map is fit on the images where it is visible and errors count only visible points.
+Human3.6M's protocol scores each image by the better of its annotation and the left-right
+swapped one, and averages per activity before averaging the activities (`summary_error`).
 
 The command line, `python -m ulm_dist.evaluate CHECKPOINT --data ...`, is in `command.py`;
 periodic evaluation during training is in `periodic.py`; both run the detector through
