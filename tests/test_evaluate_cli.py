@@ -206,7 +206,7 @@ def unannotated_shards(root: Path) -> Path:
         ("not_a_checkpoint", "not a complete checkpoint"),
         ("no_shards", "found neither; build the shards with `python -m ulm_dist.data build`"),
         ("a_split_folder", "the train and test splits are the same shards"),
-        ("unannotated", "the train split has no landmarks"),
+        ("unannotated", "the test split has no landmarks"),
     ],
 )
 def test_bad_input_is_one_clear_line(case, message, run, local_checkpoint, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""evaluate/protocols.py and the visibility-aware regression: each benchmark's normaliser,
-splits and visibility rule, chosen from the manifest's layout."""
+"""evaluate/protocols.py and the regression it drives: each benchmark's protocol, chosen from
+the manifest's layout, scored on small worked examples whose errors are computed by hand."""
 
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ from ulm_dist.data import ShardSet
 from ulm_dist.data.layouts import IBUG68, MAFL5, LandmarkLayout
 from ulm_dist.data.manifest import DatasetSummary
 from ulm_dist.evaluate.protocols import (
-    PROTOCOLS,
     ProtocolError,
     choose_normalisation,
     fit_split_for,
+    flip_permutation_for,
+    groups_for,
+    protocol_of,
     uses_visibility,
 )
 from ulm_dist.evaluate.regression import fit_linear_map, landmark_regression
 
 NO_EYES = LandmarkLayout((), (), (1, 0, 2))
+# Three joints, the first and last a left-right pair, as Human3.6M's l_X and r_X.
+JOINTS3 = LandmarkLayout((), (), (2, 1, 0), protocol="h36m")
 
 
 def shards_with(layout: LandmarkLayout | None) -> ShardSet:
@@ -29,32 +33,79 @@ def shards_with(layout: LandmarkLayout | None) -> ShardSet:
     return ShardSet(("x.tar",), {"x.tar": 1}, summary)
 
 
-@pytest.mark.parametrize(
-    ("protocol", "normaliser", "fit_split", "visible_only"),
-    [
-        ("mafl", "inter-ocular", "mafl_train", False),
-        ("aflw", "inter-ocular", "train", False),
-        ("cub", "image-size", "train", True),
-        ("h36m", "image-size", "train", False),
-    ],
-)
-def test_each_benchmark_layout_selects_its_protocol(protocol, normaliser, fit_split, visible_only):
-    base = MAFL5 if protocol in ("mafl", "aflw") else NO_EYES
-    shards = shards_with(dataclasses.replace(base, protocol=protocol))
-    chosen = choose_normalisation(shards, image_size=128)
-    assert chosen.name == normaliser
-    assert fit_split_for(shards) == fit_split and PROTOCOLS[protocol].test_split == "test"
-    assert uses_visibility(shards) is visible_only
-    assert (chosen.image_size, chosen.eyes) == (
-        (128, None) if normaliser == "image-size" else (None, ((0,), (1,)))
+def score(layout, test_annotated, test_predicted, *, visible=None, metadata=None, size=100):
+    """The protocol of `layout` on test images whose regressed points are `test_predicted`:
+    the fit images' discovered points are their annotations, so the fitted map is the
+    identity and the test images' discovered points come out unchanged."""
+    shards = shards_with(layout)
+    normalisation = choose_normalisation(shards, image_size=size)
+    points = test_annotated.shape[1]
+    train = torch.rand(6 * points, points, 2, generator=torch.Generator().manual_seed(0)) * 90
+    return landmark_regression(
+        train,
+        train,
+        test_predicted,
+        test_annotated,
+        eyes=normalisation.eyes,
+        image_size=normalisation.image_size,
+        train_visible=None if visible is None else torch.ones(len(train), points, dtype=bool),
+        test_visible=visible,
+        flip_permutation=flip_permutation_for(shards),
+        test_groups=groups_for(shards, metadata or [{}] * len(test_annotated)),
     )
+
+
+@pytest.mark.parametrize(("protocol", "fit_split"), [("mafl", "mafl_train"), ("aflw", "train")])
+def test_face_protocols_divide_by_the_inter_ocular_distance(protocol, fit_split):
+    # Eyes 30 pixels apart; every point 5 pixels off (3, 4): 5 / 30 = 16.67 %.
+    face = torch.tensor([[[10.0, 20.0], [40.0, 20.0], [25.0, 30.0], [15.0, 40.0], [35.0, 40.0]]])
+    layout = dataclasses.replace(MAFL5, protocol=protocol)
+    report = score(layout, face, face + torch.tensor([3.0, 4.0]))
+    assert report.error == pytest.approx(100 * 5 / 30, rel=1e-4)
+    assert fit_split_for(protocol_of(shards_with(layout).summary)) == fit_split
+
+
+def test_cub_divides_by_the_image_side_and_counts_visible_parts_only():
+    # Image side 100: part 0 is 5 pixels off, part 1 is 50 off but hidden, part 2 exact.
+    parts = torch.tensor([[[20.0, 20.0], [60.0, 20.0], [40.0, 60.0]]])
+    predicted = parts + torch.tensor([[[3.0, 4.0], [30.0, 40.0], [0.0, 0.0]]])
+    visible = torch.tensor([[True, False, True]])
+    layout = dataclasses.replace(NO_EYES, protocol="cub")
+    report = score(layout, parts, predicted, visible=visible)
+    assert report.error == pytest.approx((5 + 0) / 2, rel=1e-4)  # percent of 100 pixels
+    assert uses_visibility(shards_with(layout)) and report.per_group == {}
+
+
+def test_h36m_averages_per_activity_and_forgives_a_left_right_swap():
+    # Side 100. "posing": two images 10 and 20 pixels off at every joint (10 %, 20 %).
+    # "waiting": one image whose prediction is its mirror (joints 0 and 2 swapped) 4 pixels
+    # off: 4 % against the swapped annotation, far more against the annotation itself.
+    pose = torch.tensor([[10.0, 10.0], [50.0, 50.0], [90.0, 10.0]])
+    annotated = torch.stack([pose, pose, pose])
+    predicted = torch.stack(
+        [pose + torch.tensor([6.0, 8.0]), pose + torch.tensor([12.0, 16.0]), pose[[2, 1, 0]]]
+    )
+    predicted[2] += torch.tensor([0.0, 4.0])
+    activities = [{"activity": a} for a in ("posing", "posing", "waiting")]
+    report = score(JOINTS3, annotated, predicted, metadata=activities)
+    assert report.per_group == pytest.approx({"posing": 15.0, "waiting": 4.0}, rel=1e-4)
+    # The mean of the two activities' means, not the pooled (10 + 20 + 4) / 3.
+    assert report.error == pytest.approx(9.5, rel=1e-4)
+
+
+def test_h36m_needs_each_images_activity():
+    with pytest.raises(ProtocolError, match="1 of 2 images have no 'activity'"):
+        groups_for(shards_with(JOINTS3), [{"activity": "posing"}, {"subject": "S11"}])
 
 
 def test_data_sets_without_a_protocol_keep_the_generic_rule():
     assert choose_normalisation(shards_with(IBUG68), 64).eyes == (IBUG68.eye_left, IBUG68.eye_right)
     assert choose_normalisation(shards_with(None), 64).name == "bbox-diagonal"
     assert choose_normalisation(shards_with(NO_EYES), 64).name == "bbox-diagonal"
-    assert fit_split_for(shards_with(IBUG68)) == "train" and not uses_visibility(shards_with(None))
+    assert fit_split_for(protocol_of(shards_with(IBUG68).summary)) == "train"
+    assert not uses_visibility(shards_with(None))
+    assert flip_permutation_for(shards_with(NO_EYES)) is None
+    assert groups_for(shards_with(NO_EYES), [{}]) is None
 
 
 def test_inter_ocular_on_a_layout_without_eyes_is_refused():
@@ -66,7 +117,7 @@ def test_inter_ocular_on_a_layout_without_eyes_is_refused():
 
 def test_an_unknown_protocol_is_refused_with_its_name():
     with pytest.raises(ProtocolError, match="'birds3000'"):
-        fit_split_for(shards_with(dataclasses.replace(NO_EYES, protocol="birds3000")))
+        protocol_of(shards_with(dataclasses.replace(NO_EYES, protocol="birds3000")).summary)
 
 
 def test_the_fit_ignores_invisible_points_whatever_their_coordinates():

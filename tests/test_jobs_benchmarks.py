@@ -1,6 +1,7 @@
 """jobs/{celeba-mafl,aflw,cub,h36m}.yaml load through the config loader and keep the papers'
 settings (shared/reference/what-the-papers-used.md), so that they cannot rot."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,15 @@ def test_imm_jobs_use_the_papers_warps_and_vgg_layers():
     assert config.loss.perceptual_layers[0] == "pixels"
     assert [layer[-1] for layer in config.loss.perceptual_layers[1:]] == ["2"] * 5  # convX_2
     assert load_config(JOBS / "aflw.yaml").train.resume.startswith("runs/celeba-mafl/")
+
+
+def test_aflw_fine_tunes_past_the_step_of_the_checkpoint_it_resumes():
+    # The worker trains while step < train.steps, and the step restored from the checkpoint
+    # counts: steps must be the total, beyond the checkpoint's (checkpoint_<step>).
+    train = load_config(JOBS / "aflw.yaml").train
+    resumed_step = int(re.fullmatch(r"checkpoint_(\d+)", Path(train.resume).name).group(1))
+    assert resumed_step == load_config(JOBS / "celeba-mafl.yaml").train.steps
+    assert train.steps > resumed_step
 
 
 def test_part_jobs_use_lorenz_colour_jitter_and_equivariance_weight():

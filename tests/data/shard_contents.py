@@ -42,3 +42,20 @@ def read_split(dest: Path, split: str) -> tuple[Manifest, dict[str, StoredSample
                 elif kind == "json":
                     sample.metadata = json.loads(data)
     return manifest, samples
+
+
+def mark_pixel(path: Path, size: tuple[int, int], column: int, row: int) -> None:
+    """Overwrites the image at `path` (whatever its extension) with a black (width, height)
+    picture whose pixel (column, row) alone is white, losslessly (PNG bytes)."""
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[row, column] = 255
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def bright_centre(image: np.ndarray) -> np.ndarray:
+    """The brightness-weighted centre (x, y) of a stored image, pixel j's centre at j + 0.5:
+    where a single marked pixel of the source landed after the crop and resize (bilinear
+    upsampling spreads it symmetrically about that point)."""
+    weight = image.astype(np.float64).sum(axis=-1)
+    rows, columns = np.indices(weight.shape) + 0.5
+    return np.array([(weight * columns).sum(), (weight * rows).sum()]) / weight.sum()

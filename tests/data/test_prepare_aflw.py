@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
-from shard_contents import read_split
+from shard_contents import bright_centre, mark_pixel, read_split
 
 from ulm_dist.data.benchmarks import collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
@@ -56,11 +56,27 @@ def test_splits_and_points_follow_the_release(tmp_path):
     assert set(val) == {"image00008"}  # the last tenth (1 of 9) of the training list
     assert len(imported.missing["train"]) == 1 and imported.missing["train"][0].endswith(MISSING)
     assert manifest.summary.layout.protocol == "aflw"
-    # The whole 32 x 16 crop becomes 16 x 16: x' = x / 2, y' = y. Test face 101 has offset
-    # 5 + 1: its left eye (row 4, column 16) is at (8, 4).
+    # The whole 32 x 16 crop becomes 16 x 16, gt's 0-based pixels at their centres:
+    # x' = (x + 0.5) / 2, y' = y + 0.5. Test face 101 has offset 5 + 1: its left eye (row 4,
+    # column 16) is at (8.25, 4.5).
     assert test["image00101"].landmarks == pytest.approx(
-        np.array([[8.0, 4.0], [14.0, 4.0], [11.0, 8.0], [8.5, 12.0], [13.5, 12.0]])
+        np.array([[8.25, 4.5], [14.25, 4.5], [11.25, 8.5], [8.75, 12.5], [13.75, 12.5]])
     )
+
+
+def test_the_landmark_lands_on_the_marked_pixel(tmp_path):
+    # Test face 101's left eye is gt (row 4, column 16); only that pixel is lit. The 32 x 16
+    # crop becomes 64 x 64 (x2, x4): the pixel's centre (16.5, 4.5) lands at (33, 18).
+    source = write_aflw(tmp_path / "aflw")
+    mark_pixel(source / "output" / "image00101.jpg", (32, 16), 16, 4)
+    imported = collect_benchmark("aflw", source, image_size=64)
+    imported.splits = {"test": imported.splits["test"]}
+    write_benchmark(
+        imported, str(tmp_path / "shards"), image_size=64, shard_samples=4, write=LOSSLESS
+    )
+    face = read_split(tmp_path / "shards", "test")[1]["image00101"]
+    assert face.landmarks[0] == pytest.approx([33.0, 18.0])
+    assert bright_centre(face.image) == pytest.approx(face.landmarks[0], abs=0.1)
 
 
 def test_a_keypoint_file_that_does_not_match_the_list_is_named(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_contents import read_split
+from shard_contents import bright_centre, mark_pixel, read_split
 
 from ulm_dist.config import load_config
 from ulm_dist.data.__main__ import main
@@ -92,14 +92,31 @@ def test_splits_follow_celeba_and_mafl_and_skip_the_missing_image(prepared):
 
 
 def test_points_follow_imm_framing_of_the_aligned_image(prepared):
-    # 40 x 50 resized to 20 x 20 (16 / 0.8), centre 16 x 16 kept: x' = (x - 4) / 2,
-    # y' = (y - 5) * 16 / 40.
+    # 40 x 50 resized to 20 x 20 (16 / 0.8), centre 16 x 16 kept; the integer positions are
+    # 0-based pixels, whose centres are at + 0.5: x' = (x + 0.5 - 4) / 2,
+    # y' = (y + 0.5 - 5) * 16 / 40.
     _, samples = read_split(prepared[0], "test")
     assert samples["000011"].landmarks == pytest.approx(
-        np.array([[9.5, 4.0], [17.5, 4.0], [13.5, 8.0], [10.5, 12.0], [16.5, 12.0]])
+        np.array([[9.75, 4.2], [17.75, 4.2], [13.75, 8.2], [10.75, 12.2], [16.75, 12.2]])
     )
-    assert samples["000001"].landmarks[2] == pytest.approx([8.5, 8.0])  # nose (21, 25)
+    assert samples["000001"].landmarks[2] == pytest.approx([8.75, 8.2])  # nose (21, 25)
     assert samples["000001"].image.shape == (16, 16, 3)
+
+
+def test_the_landmark_lands_on_the_marked_pixel(tmp_path):
+    # 000011's nose is annotated at pixel (31, 25); only that pixel is lit. Size 64: resized
+    # to 80 (64 / 0.8), margin 8, i.e. columns 4..36 and rows 5..45 kept, x2 and x1.6:
+    # its centre (31.5, 25.5) lands at (55, 32.8).
+    source = write_celeba(tmp_path / "celeba")
+    mark_pixel(source / "Img" / "img_align_celeba" / "000011.jpg", (40, 50), 31, 25)
+    imported = collect_benchmark("celeba-mafl", source, image_size=64)
+    imported.splits = {"test": imported.splits["test"]}
+    write_benchmark(
+        imported, str(tmp_path / "shards"), image_size=64, shard_samples=4, write=LOSSLESS
+    )
+    nose = read_split(tmp_path / "shards", "test")[1]["000011"]
+    assert nose.landmarks[2] == pytest.approx([55.0, 32.8])
+    assert bright_centre(nose.image) == pytest.approx(nose.landmarks[2], abs=0.1)
 
 
 def test_a_malformed_landmark_line_names_the_file_and_the_line(tmp_path):
@@ -133,6 +150,14 @@ def test_the_command_follows_the_mafl_protocol_of_prepared_shards(tmp_path, monk
     monkeypatch.setattr(
         command, "load_trained", lambda uri, s3: TrainedModel(config, learner, 7, uri)
     )
+    resolved = []
+
+    def prepare_shards(data, spec, split, **kwargs):
+        resolved.append(split)
+        return real_prepare_shards(data, spec, split, **kwargs)
+
+    real_prepare_shards = command.prepare_shards
+    monkeypatch.setattr(command, "prepare_shards", prepare_shards)
     out = tmp_path / "out"
     assert command.main(["ckpt", "--data", str(tmp_path / "shards"), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -141,4 +166,6 @@ def test_the_command_follows_the_mafl_protocol_of_prepared_shards(tmp_path, monk
         "mafl_train",
         "inter-ocular",
     )
+    # The test split's manifest names the protocol and its fit split: each read once.
+    assert resolved == ["test", "mafl_train"]
     assert (summary["fit_images"], summary["test_images"]) == (7, 3)  # MAFL train less 000005

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_contents import read_split
+from shard_contents import bright_centre, mark_pixel, read_split
 
 from ulm_dist.config import DataConfig, load_config
 from ulm_dist.data import resolve_shards
@@ -103,15 +103,32 @@ def test_the_invisible_part_keeps_its_flag(prepared):
 def test_points_follow_the_squared_bounding_box(prepared):
     _, train = read_split(prepared[0], "train")
     by_id = {s.metadata["image_id"]: s for s in train.values()}
-    # Box (10, 5, 20 x 10) squared: side 20 at (10, 0); 16 / 20 = 0.8 per pixel. Part 1 at
-    # (15.5, 8) -> (4.4, 6.4); part 15 at (22.5, 8) -> (10.0, 6.4).
-    assert by_id[3].landmarks[0] == pytest.approx([4.4, 6.4])
-    assert by_id[3].landmarks[14] == pytest.approx([10.0, 6.4])
+    # Box (10, 5, 20 x 10) squared: side 20 at (10, 0); 16 / 20 = 0.8 per pixel; the parts
+    # are 0-based pixels, centres at + 0.5. Part 1 at (15.5, 8) -> (4.8, 6.8); part 15 at
+    # (22.5, 8) -> (10.4, 6.8).
+    assert by_id[3].landmarks[0] == pytest.approx([4.8, 6.8])
+    assert by_id[3].landmarks[14] == pytest.approx([10.4, 6.8])
     # Box (0, 0, 10 x 20) squared: side 20 at (-5, 0), 5 pixels past the left edge, black.
-    assert by_id[1].landmarks[0] == pytest.approx([8.0, 8.0])  # (5, 10)
+    assert by_id[1].landmarks[0] == pytest.approx([8.4, 8.4])  # (5, 10)
     image = by_id[1].image
     bird = np.abs(image[:, 8:].astype(int) - [200, 150, 100])
     assert (image[:, :3] == 0).all() and (bird <= 4).all()  # the bird: a JPEG's uniform colour
+
+
+def test_the_part_lands_on_the_marked_pixel(tmp_path):
+    # Bird 9 (a test image) has its beak (part 2) at pixel (16, 8); only that pixel is lit.
+    # Its box (10, 5, 20 x 10) squared is (10, 0) to (30, 20), stored at 64 (x3.2): the
+    # pixel's centre (16.5, 8.5) lands at (20.8, 27.2).
+    source = write_cub(tmp_path / "CUB_200_2011")
+    mark_pixel(source / "images" / image_name(9), (40, 30), 16, 8)
+    imported = collect_benchmark("cub", source, image_size=64)
+    imported.splits = {"test": [i for i in imported.splits["test"] if i.metadata["image_id"] == 9]}
+    write_benchmark(
+        imported, str(tmp_path / "shards"), image_size=64, shard_samples=4, write=LOSSLESS
+    )
+    (bird,) = read_split(tmp_path / "shards", "test")[1].values()
+    assert bird.landmarks[1] == pytest.approx([20.8, 27.2])
+    assert bright_centre(bird.image) == pytest.approx(bird.landmarks[1], abs=0.1)
 
 
 def test_left_and_right_parts_swap_under_a_flip(prepared):

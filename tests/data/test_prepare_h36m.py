@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from PIL import Image
 from shard_contents import read_split
 
+from ulm_dist.config import DataConfig, load_config
+from ulm_dist.data import resolve_shards
 from ulm_dist.data.benchmarks import ImportOptions, collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.h36m import EVALUATED_JOINTS
 from ulm_dist.data.benchmarks.importer import write_benchmark
 from ulm_dist.data.build import WriteOptions
 from ulm_dist.data.shards import Encoding
+from ulm_dist.deploy.trained import TrainedModel
+from ulm_dist.evaluate import command
+from ulm_dist.evaluate.periodic import load_validation_set
+from ulm_dist.models import build_learner
 
 LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 # Subject -> sequence folders -> frames. WalkDog is not one of the six activities; S5-S8
@@ -119,3 +127,30 @@ def test_a_frame_without_its_joints_names_the_file(tmp_path):
     scipy.io.savemat(source / "S11" / "Landmarks" / "Waiting 1.54138969" / "2.mat", {"x": 1.0})
     with pytest.raises(AnnotationError, match=r"Waiting 1.54138969/2.mat: expected keypoints_2d"):
         collect_benchmark("h36m", source, image_size=16)
+
+
+def test_the_command_averages_the_test_activities(prepared, tmp_path, monkeypatch):
+    # An untrained tiny learner stands in for a checkpoint: the activities stored with each
+    # test frame must reach the protocol, which averages per activity.
+    config = load_config(overrides=["data.num_workers=0"])
+    torch.manual_seed(0)
+    learner = build_learner(config.model, config.loss).eval()
+    monkeypatch.setattr(
+        command, "load_trained", lambda uri, s3: TrainedModel(config, learner, 7, uri)
+    )
+    out = tmp_path / "out"
+    assert command.main(["ckpt", "--data", str(prepared[0]), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["protocol"], summary["normaliser"]) == ("h36m", "image-size")
+    assert sorted(summary["per_group"]) == ["waiting", "walking"]
+    mean = sum(summary["per_group"].values()) / 2
+    assert summary["landmark_error"] == pytest.approx(mean)
+    assert "Human3.6M" in summary["reference"]
+
+
+def test_periodic_validation_reads_the_activities_and_the_flip(prepared):
+    data = DataConfig(num_workers=0)
+    shards = resolve_shards(data, str(prepared[0]), "test", image_size=16)
+    val = load_validation_set(data, shards, 16, samples=3)
+    assert sorted(val.groups) == ["waiting", "waiting", "walking"]
+    assert val.flip_permutation == prepared[1].layout.flip_permutation

@@ -21,7 +21,6 @@ import sys
 
 from ulm_dist import storage
 from ulm_dist.data.benchmarks import BENCHMARKS, ImportOptions, collect_benchmark
-from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.importer import write_benchmark
 from ulm_dist.data.build import (
     WriteOptions,
@@ -33,6 +32,7 @@ from ulm_dist.data.build import (
 from ulm_dist.data.layouts import KNOWN_LAYOUTS, LANDMARK_REDUCTIONS
 from ulm_dist.data.manifest import Manifest, read_manifest
 from ulm_dist.data.shards import Encoding
+from ulm_dist.extras import MissingExtraError
 from ulm_dist.storage import S3Options
 
 
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         try:
             return _prepare(args, write)
-        except (AnnotationError, FileNotFoundError) as error:
+        # AnnotationError is a ValueError; ValueError also covers an empty split.
+        except (ValueError, FileNotFoundError, MissingExtraError) as error:
             print(f"python -m ulm_dist.data prepare: error: {error}", file=sys.stderr)
             return 2
     if args.command == "build":
@@ -121,6 +122,20 @@ def _print_manifest(manifest: Manifest, folder: str) -> None:
     )
 
 
+def crop_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     summary = __doc__.split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m ulm_dist.data", description=summary)
@@ -162,12 +177,15 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard")
     prepare.add_argument(
         "--crop-fraction",
-        type=float,
+        type=crop_fraction,
         default=0.8,
         help="celeba-mafl: the centre share of the square-resized aligned image kept (IMM)",
     )
     prepare.add_argument(
-        "--frame-step", type=int, default=1, help="h36m: keep every n-th frame of a sequence"
+        "--frame-step",
+        type=positive_int,
+        default=1,
+        help="h36m: keep every n-th frame of a sequence",
     )
     prepare.add_argument(
         "--all-joints", action="store_true", help="h36m: keep all 32 joints, not the 17"

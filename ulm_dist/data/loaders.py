@@ -182,6 +182,7 @@ class _AnnotatedStream(_ShardStream):
                 "landmarks": view.landmarks,
                 "visible": visible,
                 "key": sample.key,
+                "metadata": sample.metadata,
             }
 
 
@@ -306,7 +307,7 @@ def make_annotated_loader(
     """Batches of annotated images for evaluation, in a fixed order, each sample once: `image`
     (B, 3, S, S) float32 in [0, 1] (centre square, resized, no augmentation), `landmarks`
     (B, L, 2) in [-1, 1], `visible` (B, L) bool (all True unless the shards flag invisible
-    landmarks), `key` and `skipped`."""
+    landmarks), `key`, `metadata` (the samples' metadata dicts) and `skipped`."""
     stream = _AnnotatedStream(
         data,
         _as_shard_set(urls),

@@ -11,9 +11,10 @@ the whole store (missing bucket, credentials, unreachable endpoint) are raised i
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -55,6 +56,9 @@ class DecodedSample:
     image: Image.Image  # RGB, decoded
     landmarks: np.ndarray | None  # (L, 2) float32 pixels of `image`
     visible: np.ndarray | None = None  # (L,) bool when the sample says; None: all visible
+    # The sample's metadata (its `.json` member), read with the landmarks: the evaluation
+    # protocols group test images by it (Human3.6M's activity).
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def decode_sample(raw: dict[str, Any], with_landmarks: bool) -> DecodedSample:
@@ -84,7 +88,12 @@ def decode_sample(raw: dict[str, Any], with_landmarks: bool) -> DecodedSample:
                 f"got {visible.shape}"
             )
         visible = visible.astype(bool)
-    return DecodedSample(raw["__key__"], image, landmarks, visible)
+    metadata = {}
+    if with_landmarks and METADATA_FIELD in raw:
+        metadata = json.loads(raw[METADATA_FIELD])
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{METADATA_FIELD}: expected an object, got {type(metadata).__name__}")
+    return DecodedSample(raw["__key__"], image, landmarks, visible, metadata)
 
 
 def read_shard(

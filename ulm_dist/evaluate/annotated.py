@@ -6,6 +6,7 @@ the landmarks a learner finds on it in pixels. What the errors are divided by is
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -19,19 +20,31 @@ class EvaluationError(RuntimeError):
     """Input the evaluation cannot use; the message says what to give instead."""
 
 
+class AnnotatedBatch(NamedTuple):
+    images: torch.Tensor  # (B, 3, S, S) in [0, 1]
+    landmarks: torch.Tensor  # (B, L, 2) annotated, pixels
+    visible: torch.Tensor  # (B, L) bool
+    metadata: list[dict[str, Any]]  # each image's metadata (Human3.6M: its activity)
+    skipped: int  # corrupt samples the loader skipped
+
+
 def annotated_batches(
     data: DataConfig, shards: ShardSet, image_size: int, batch_size: int, limit: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+) -> Iterator[AnnotatedBatch]:
     """The annotated images of `shards` in manifest order (the same on every worker), at most
-    `limit` of them: per batch the images (B, 3, S, S) in [0, 1], their annotated landmarks
-    (B, L, 2) in pixels, which of those are visible (B, L) bool, and the corrupt samples the
-    loader skipped."""
+    `limit` of them."""
     count = 0
     for batch in make_annotated_loader(data, shards, image_size, batch_size):
         keep = len(batch["image"]) if limit is None else limit - count
         images = batch["image"][:keep]
         landmarks = to_pixels(batch["landmarks"][:keep], image_size)
-        yield images, landmarks, batch["visible"][:keep], int(batch["skipped"])
+        yield AnnotatedBatch(
+            images,
+            landmarks,
+            batch["visible"][:keep],
+            list(batch["metadata"][:keep]),
+            int(batch["skipped"]),
+        )
         count += len(images)
         if count == limit:
             return

@@ -36,9 +36,10 @@ from ulm_dist.deploy.trained import TrainedModel, load_trained
 from ulm_dist.evaluate.annotated import EvaluationError, annotated_batches, detect
 from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
 from ulm_dist.evaluate.protocols import (
-    GENERIC_FIT_SPLIT,
     choose_normalisation,
     fit_split_for,
+    flip_permutation_for,
+    groups_for,
     protocol_of,
     uses_visibility,
 )
@@ -61,6 +62,7 @@ class Detections:
     discovered: torch.Tensor  # (N, K, 2)
     annotated: torch.Tensor  # (N, L, 2)
     visible: torch.Tensor  # (N, L) bool
+    metadata: list[dict[str, Any]]  # each image's
     shown: torch.Tensor  # the first SHOWN_IMAGES images (B, 3, S, S), for the pictures
     skipped: int  # corrupt samples the loader skipped
 
@@ -138,15 +140,16 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
     trained = load_trained(args.checkpoint, S3Options(endpoint_url=args.s3_endpoint_url))
     size = trained.config.model.image_size
     data = dataclasses.replace(trained.config.data, s3_endpoint_url=args.s3_endpoint_url)
-    args.fit_split = args.fit_split or default_fit_split(data, args.data, args.test_split, size)
-    fit_shards = resolve_split(data, args.data, args.fit_split, size)
+    # The test split's manifest names the protocol, which names the fit split.
     test_shards = resolve_split(data, args.data, args.test_split, size)
+    protocol = protocol_of(test_shards.summary)
+    args.fit_split = args.fit_split or fit_split_for(protocol)
+    fit_shards = resolve_split(data, args.data, args.fit_split, size)
     if fit_shards.urls == test_shards.urls:
         raise EvaluationError(
             f"--data {args.data}: the {args.fit_split} and {args.test_split} splits are the same "
             "shards; give the data set root that holds both split folders"
         )
-    protocol = protocol_of(test_shards.summary)
     normalisation = choose_normalisation(test_shards, size, args.normaliser)
     visible_only = uses_visibility(test_shards)
     source_size = test_shards.summary.image_size if test_shards.summary else size
@@ -173,6 +176,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
         image_size=normalisation.image_size,
         train_visible=fit.visible if visible_only else None,
         test_visible=test.visible if visible_only else None,
+        flip_permutation=flip_permutation_for(test_shards),
+        test_groups=groups_for(test_shards, test.metadata),
     )
     summary = {
         "checkpoint": trained.uri,
@@ -181,6 +186,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
         "fit_split": args.fit_split,
         "test_split": args.test_split,
         "protocol": protocol.name if protocol else "generic",
+        "reference": protocol.reference if protocol else None,
         "normaliser": normalisation.name,
         "bias": args.bias,
         "ridge": args.ridge,
@@ -193,6 +199,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> Path:
         "test_skipped": test.skipped,
         **report.as_metrics(),
     }
+    if report.per_group:
+        summary["per_group"] = report.per_group
     names = landmark_names(test_shards, len(report.per_landmark))
     per_landmark = [
         {"landmark": index, "name": name, "error": error}
@@ -218,15 +226,6 @@ def resolve_split(data: DataConfig, spec: str, split: str, image_size: int) -> S
     return shards
 
 
-def default_fit_split(data: DataConfig, spec: str, test_split: str, image_size: int) -> str:
-    """The fit split of the protocol that the test split's manifest names (`train` without
-    one). A test split that cannot be read gets `train` here; resolving it says what is wrong."""
-    try:
-        return fit_split_for(prepare_shards(data, spec, test_split, image_size=image_size))
-    except (FileNotFoundError, ValueError):
-        return GENERIC_FIT_SPLIT
-
-
 def detect_split(
     trained: TrainedModel,
     data: DataConfig,
@@ -241,15 +240,17 @@ def detect_split(
     if limit is not None:
         total = min(total or limit, limit)
     discovered, annotated, visible, shown = [], [], [], []
+    metadata: list[dict[str, Any]] = []
     count = skipped = 0
     cpu = torch.device("cpu")
     with tqdm(total=total, unit="img", desc=f"detecting {split}") as bar:
         batches = annotated_batches(data, shards, size, batch_size, limit)
-        for images, landmarks, flags, lost in batches:
+        for images, landmarks, flags, records, lost in batches:
             skipped += lost
             discovered.append(detect(trained.learner, images, cpu, torch.float32))
             annotated.append(landmarks)
             visible.append(flags)
+            metadata.extend(records)
             shown.append(images[: max(0, SHOWN_IMAGES - count)])
             count += len(images)
             bar.update(len(images))
@@ -258,7 +259,12 @@ def detect_split(
             f"the {split} split yielded no readable images ({skipped} corrupt samples skipped)"
         )
     return Detections(
-        torch.cat(discovered), torch.cat(annotated), torch.cat(visible), torch.cat(shown), skipped
+        torch.cat(discovered),
+        torch.cat(annotated),
+        torch.cat(visible),
+        metadata,
+        torch.cat(shown),
+        skipped,
     )
 
 
@@ -321,8 +327,12 @@ def results_table(summary: dict[str, Any], per_landmark: list[dict[str, Any]]) -
         f"  annotated -> discovered  {summary[LANDMARK_ERROR_REVERSE]:8.2f}",
         f"  mean-shape baseline      {summary[MEAN_SHAPE_ERROR]:8.2f}",
         "",
-        "per annotated landmark",
     ]
+    if summary.get("per_group"):
+        lines += ["per group (the error above is their mean)"]
+        lines += [f"  {name:<24} {error:8.2f}" for name, error in summary["per_group"].items()]
+        lines += [""]
+    lines += ["per annotated landmark"]
     width = max(len(row["name"]) for row in per_landmark)
     lines += [
         f"  {row['landmark']:>3}  {row['name']:<{width}}  {row['error']:8.2f}"

@@ -28,6 +28,8 @@ from ulm_dist.evaluate.protocols import (
     Eyes,
     Normalisation,
     choose_normalisation,
+    flip_permutation_for,
+    groups_for,
     uses_visibility,
 )
 from ulm_dist.evaluate.regression import VAL_PREFIX, landmark_regression
@@ -42,6 +44,9 @@ class ValidationSet:
     annotated: torch.Tensor  # (N, L, 2) pixels
     normalisation: Normalisation  # the shards' protocol's (protocols.py)
     visible: torch.Tensor | None = None  # (N, L) bool, when the protocol counts visible only
+    # The protocol's left-right permutation and each image's group (Human3.6M), or None.
+    flip_permutation: tuple[int, ...] | None = None
+    groups: list[str] | None = None
 
     @property
     def eyes(self) -> Eyes | None:
@@ -55,17 +60,19 @@ def load_validation_set(
     """The first `samples` annotated images of `shards`, in manifest order (the same on
     every worker)."""
     batches = list(annotated_batches(data, shards, image_size, min(BATCH_SIZE, samples), samples))
-    count = sum(len(batch[0]) for batch in batches)
+    count = sum(len(batch.images) for batch in batches)
     if count < 2:
         raise ValueError(
             f"data.val: {count} annotated images could be read, at least 2 are needed (one to "
             "fit the regressor, one to score it); point data.val at a larger annotated split"
         )
     return ValidationSet(
-        images=torch.cat([images for images, _, _, _ in batches]),
-        annotated=torch.cat([annotated for _, annotated, _, _ in batches]),
+        images=torch.cat([batch.images for batch in batches]),
+        annotated=torch.cat([batch.landmarks for batch in batches]),
         normalisation=choose_normalisation(shards, image_size),
-        visible=torch.cat([v for _, _, v, _ in batches]) if uses_visibility(shards) else None,
+        visible=torch.cat([b.visible for b in batches]) if uses_visibility(shards) else None,
+        flip_permutation=flip_permutation_for(shards),
+        groups=groups_for(shards, [record for batch in batches for record in batch.metadata]),
     )
 
 
@@ -92,6 +99,8 @@ def validate(
         image_size=val.normalisation.image_size,
         train_visible=None if visible is None else visible[:fit],
         test_visible=None if visible is None else visible[fit:],
+        flip_permutation=val.flip_permutation,
+        test_groups=None if val.groups is None else val.groups[fit:],
     )
     pictures = evaluation_sheets(
         learner.model,

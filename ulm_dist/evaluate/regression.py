@@ -11,6 +11,8 @@ margin to have learned anything. Landmark layouts without eyes are normalised by
 of the annotated points' bounding box instead, and the benchmarks whose protocol says so by
 the image's side (`protocols.py`). With visibility flags (CUB's parts), each annotated
 landmark's map is fit on the images where it is visible and errors count only visible points.
+Human3.6M's protocol scores each image by the better of its annotation and the left-right
+swapped one, and averages per activity before averaging the activities (`summary_error`).
 
 The command line, `python -m ulm_dist.evaluate CHECKPOINT --data ...`, is in `command.py`;
 periodic evaluation during training is in `periodic.py`; both run the detector through
@@ -19,7 +21,8 @@ periodic evaluation during training is in `periodic.py`; both run the detector t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +46,8 @@ class RegressionReport:
     baseline_error: float  # percent, the mean annotated shape for every image
     per_landmark: list[float]  # percent, one per annotated landmark
     predicted: torch.Tensor  # (N, L, 2) the test images' regressed landmarks, pixels
+    # percent, per group of test images (Human3.6M: per activity), when the protocol groups
+    per_group: dict[str, float] = field(default_factory=dict)
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         return {
@@ -118,6 +123,58 @@ def normalised_errors(
     return 100 * (predicted - annotated).norm(dim=-1) / normaliser.clamp_min(1e-8)[:, None]
 
 
+def image_errors(
+    predicted: torch.Tensor,
+    annotated: torch.Tensor,
+    normaliser: torch.Tensor,
+    flip_permutation: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Each image's mean normalised point error, in percent: (N,). With `flip_permutation`,
+    the smaller of the errors against the annotation and against its left-right swapped
+    copy (`annotated[:, flip_permutation]`), as keypointgan's `compute_mean_distance` scores
+    Human3.6M: a detector that confuses a person's left and right is not penalised."""
+    errors = normalised_errors(predicted, annotated, normaliser).mean(dim=1)
+    if flip_permutation is None:
+        return errors
+    swapped = annotated[:, list(flip_permutation)]
+    return torch.minimum(errors, normalised_errors(predicted, swapped, normaliser).mean(dim=1))
+
+
+def group_means(values: torch.Tensor, groups: Sequence[str]) -> dict[str, float]:
+    """The mean of `values` (N,) over each group's members, by group name (sorted)."""
+    if len(groups) != len(values):
+        raise ValueError(f"expected one group per value ({len(values)}), got {len(groups)}")
+    return {
+        name: values[torch.tensor([g == name for g in groups])].mean().item()
+        for name in sorted(set(groups))
+    }
+
+
+def summary_error(
+    predicted: torch.Tensor,
+    annotated: torch.Tensor,
+    normaliser: torch.Tensor,
+    *,
+    visible: torch.Tensor | None = None,
+    flip_permutation: Sequence[int] | None = None,
+    groups: Sequence[str] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """The protocol's one number, percent, and its per-group means. Without a flip or groups,
+    the mean over every (visible) annotated point of every image. With them (Human3.6M), each
+    image's error (`image_errors`), averaged within each group, then the groups' means
+    averaged, each group counting once whatever its size (keypointgan's
+    `mean_distance_per_activity`)."""
+    if flip_permutation is None and groups is None:
+        return masked_mean(normalised_errors(predicted, annotated, normaliser), visible).item(), {}
+    if visible is not None:
+        raise ValueError("the left-right flip and the groups apply to fully annotated images only")
+    per_image = image_errors(predicted, annotated, normaliser, flip_permutation)
+    if groups is None:
+        return per_image.mean().item(), {}
+    per_group = group_means(per_image, groups)
+    return sum(per_group.values()) / len(per_group), per_group
+
+
 def landmark_regression(
     train_discovered: torch.Tensor,
     train_annotated: torch.Tensor,
@@ -130,12 +187,16 @@ def landmark_regression(
     image_size: float | None = None,
     train_visible: torch.Tensor | None = None,
     test_visible: torch.Tensor | None = None,
+    flip_permutation: Sequence[int] | None = None,
+    test_groups: Sequence[str] | None = None,
 ) -> RegressionReport:
     """The whole protocol on pixel coordinates: discovered (N, K, 2), annotated (N, L, 2).
     Errors are normalised by the inter-ocular distance given the eye indices (left, right),
     else by `image_size` (the side of the images, pixels) given that, else by the
     bounding-box diagonal. `train_visible`, `test_visible` (N, L) bool: fit and score only
-    the visible annotated points (both or neither)."""
+    the visible annotated points (both or neither). `flip_permutation` and `test_groups`
+    (one name per test image): score as `summary_error` says (the reverse error and the
+    per-landmark errors stay unflipped and pooled)."""
     if (train_visible is None) != (test_visible is None):
         raise ValueError("give the visibility of both the fit and the test images, or neither")
     forward = fit_linear_map(
@@ -149,6 +210,8 @@ def landmark_regression(
     else:
         normaliser = bounding_box_diagonal(test_annotated)
     errors = normalised_errors(predicted, test_annotated, normaliser)
+    scoring = {"visible": test_visible, "flip_permutation": flip_permutation, "groups": test_groups}
+    error, per_group = summary_error(predicted, test_annotated, normaliser, **scoring)
 
     reverse_error = float("nan")
     if train_visible is None or (train_visible.all() and test_visible.all()):
@@ -162,13 +225,16 @@ def landmark_regression(
     else:
         weight = train_visible.to(train_annotated.dtype)[..., None]
         mean_shape = (train_annotated * weight).sum(0, keepdim=True) / weight.sum(0).clamp_min(1)
-    baseline = normalised_errors(mean_shape.expand_as(test_annotated), test_annotated, normaliser)
+    baseline, _ = summary_error(
+        mean_shape.expand_as(test_annotated), test_annotated, normaliser, **scoring
+    )
     return RegressionReport(
-        error=masked_mean(errors, test_visible).item(),
+        error=error,
         reverse_error=reverse_error,
-        baseline_error=masked_mean(baseline, test_visible).item(),
+        baseline_error=baseline,
         per_landmark=masked_mean(errors, test_visible, dim=0).tolist(),
         predicted=predicted,
+        per_group=per_group,
     )
 
 

@@ -6,18 +6,21 @@ One module per data set, each with its file layout and splits in its docstring:
 - `aflw.py`: AFLW in the MAFL-style 5-point version, 10,122 / 2,995 faces;
 - `cub.py`: CUB-200-2011, 15 parts with visibility flags;
 - `h36m.py`: the simplified Human3.6M of Zhang et al. 2018 (six activities, S11 held out).
-What they share (framing images, missing images, writing) is in `importer.py`, the reading
-of annotation files in `annotation_files.py`. Each manifest's layout names the evaluation
-protocol (`ulm_dist.evaluate.protocols`) that scores models on it. Nothing is downloaded.
+Each has `collect(source, image_size, options)`, taking the `ImportOptions` that concern it.
+What they share (framing images, the splits with their missing images, pixel origins,
+writing) is in `importer.py`, the reading of annotation files in `annotation_files.py`.
+Each manifest's layout names the evaluation protocol (`ulm_dist.evaluate.protocols`) that
+scores models on it. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
-from ulm_dist.data.benchmarks.importer import BenchmarkImport
+from ulm_dist.data.benchmarks.importer import BenchmarkImport, ImportOptions
+
+__all__ = ["BENCHMARKS", "ImportOptions", "collect_benchmark"]
 
 # Benchmark name -> its importer module.
 BENCHMARKS = {
@@ -28,18 +31,8 @@ BENCHMARKS = {
 }
 
 
-@dataclass(frozen=True)
-class ImportOptions:
-    """The options only some importers take; each reads those that concern it."""
-
-    crop_fraction: float = 0.8  # celeba-mafl: centre share of the square-resized image
-    frame_step: int = 1  # h36m: every n-th frame of each sequence
-    all_joints: bool = False  # h36m: keep all 32 joints instead of the 17 evaluated
-    keep_background: bool = False  # h36m: do not multiply the masks in
-
-
 def collect_benchmark(
-    name: str, source: str | Path, image_size: int, options: ImportOptions = ImportOptions()
+    name: str, source: str | Path, image_size: int, options: ImportOptions | None = None
 ) -> BenchmarkImport:
     """Reads benchmark `name` from its publisher's layout under `source` (no image opened)."""
     if name not in BENCHMARKS:
@@ -48,14 +41,4 @@ def collect_benchmark(
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such folder; expected the {name} distribution")
     module = importlib.import_module(BENCHMARKS[name])
-    if name == "celeba-mafl":
-        return module.collect(source, image_size, crop_fraction=options.crop_fraction)
-    if name == "h36m":
-        return module.collect(
-            source,
-            image_size,
-            frame_step=options.frame_step,
-            all_joints=options.all_joints,
-            keep_background=options.keep_background,
-        )
-    return module.collect(source, image_size)
+    return module.collect(source, image_size, options or ImportOptions())

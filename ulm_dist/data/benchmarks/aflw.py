@@ -17,7 +17,8 @@ and YutingZhang/lmdis-rep `evaluation/face_evaluation.m`, which divides column 1
 face. Both papers resize the whole crop to the model's square, without cropping, so the
 importer does too. The splits: `train` (every training face: the unsupervised fine-tuning
 set and the regressor's), `test`, and `val`, the last tenth of the training list (IMM's
-validation faces), for choosing checkpoints.
+validation faces), for choosing checkpoints. The regressor is fit on all of `train`; IMM's
+code (`aflw_dataset.py`) fits it on the training list less that last tenth.
 """
 
 from __future__ import annotations
@@ -36,16 +37,20 @@ from ulm_dist.data.benchmarks.importer import (
     WHOLE_IMAGE,
     BenchmarkImport,
     BenchmarkItem,
-    last_tenth,
-    present_items,
+    ImportOptions,
+    key_of,
+    present_splits,
 )
 from ulm_dist.data.layouts import MAFL5, MAFL5_NAMES
 
 NAME = "aflw"
 LAYOUT = dataclasses.replace(MAFL5, protocol="aflw")
+# `gt` holds pixel indices on "scale (0, h-1)", as lmdis-rep's evaluation/face_evaluation.m
+# comments it: 0-based, so pixel i's centre is i + 0.5 in the shards. (A MATLAB file would
+# suggest 1-based; the only statement found says 0-based. IMM's aflw_dataset.py applies no
+# shift.) Not verified against the release's own generating code, which was not found.
+PIXEL_ORIGIN = 0.5
 IMAGE_FOLDERS = ("output", "aflw_images")
-# The published sizes, for a note when a copy differs.
-PUBLISHED_COUNTS = {"train": 10_122, "test": 2_995}
 
 
 def read_split(source: Path, folder: Path, split: str) -> list[BenchmarkItem]:
@@ -71,30 +76,27 @@ def read_split(source: Path, folder: Path, split: str) -> list[BenchmarkItem]:
         )
     return [
         BenchmarkItem(
-            key=Path(name).with_suffix("").as_posix().replace(".", "_"),
+            key=key_of(name),
             image=folder / name,
             landmarks=points[:, ::-1],  # (y, x) -> (x, y)
             region=WHOLE_IMAGE,
             annotated_size=(float(size[1]), float(size[0])),  # hw -> (width, height)
+            origin_offset=PIXEL_ORIGIN,
         )
         for name, points, size in zip(names, gt, hw, strict=True)
     ]
 
 
-def collect(source: Path, image_size: int) -> BenchmarkImport:
-    del image_size  # the whole crop is resized, whatever the size
+def collect(source: Path, image_size: int, options: ImportOptions) -> BenchmarkImport:
+    del image_size, options  # the whole crop is resized, whatever the size
     folder = next((source / n for n in IMAGE_FOLDERS if (source / n).is_dir()), None)
     if folder is None:
         raise FileNotFoundError(
             f"{source}: expected the AFLW face crops in one of {list(IMAGE_FOLDERS)}"
         )
-    splits, missing = {}, {}
-    train = read_split(source, folder, "train")
-    for split, items in (("train", train), ("test", read_split(source, folder, "test"))):
-        missing[split] = []
-        splits[split] = present_items(items, missing[split])
-    missing["val"] = []
-    splits["val"] = present_items(last_tenth(train), missing["val"])
+    splits, missing = present_splits(
+        {split: read_split(source, folder, split) for split in ("train", "test")}, val_of="train"
+    )
     return BenchmarkImport(
         name=NAME,
         splits=splits,

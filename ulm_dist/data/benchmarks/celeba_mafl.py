@@ -25,10 +25,19 @@ lists beside it (IMM's `celeba.zip` has exactly this layout):
 - `val`: the last tenth of MAFL's training list (IMM's validation images), for choosing
   checkpoints during training without looking at `test`.
 
-Every image is framed as both papers' code frames it: the whole aligned image resized to a
-square of side round(S / 0.8) (IMM: 160 for S = 128; Zhang et al.: 100 for S = 80), then its
-centre S x S cut out. The 5 points keep CelebA's order, which is MAFL's: image-left eye,
-image-right eye, nose, image-left and image-right mouth corner.
+Every image is framed as both papers frame it: the whole aligned image resized to a square of
+side R = round(S / 0.8) (IMM: 160 for S = 128; Zhang et al.: 100 for S = 80), then its
+centre S x S cut out. The landmarks follow the image exactly, x by R / width and y by
+R / height. This departs from IMM's `celeba_dataset.py`, whose `_resize_points` multiplies
+the (x, y) points by (R / height, R / width), i.e. x by R / 218 and y by R / 178: its
+stored points are off by that factor (a fitted linear map absorbs much of it, not all).
+
+The regressor is fit on all of `mafl_train`, as Jakab et al. 2018 and Zhang et al. 2018
+describe it (19,000 faces). IMM's code fits on MAFL's training list less its last tenth
+(its validation faces, the `val` split here): its published errors come from 17,100 faces.
+
+The 5 points keep CelebA's order, which is MAFL's: image-left eye, image-right eye, nose,
+image-left and image-right mouth corner.
 """
 
 from __future__ import annotations
@@ -46,14 +55,19 @@ from ulm_dist.data.benchmarks.annotation_files import (
 from ulm_dist.data.benchmarks.importer import (
     BenchmarkImport,
     BenchmarkItem,
+    ImportOptions,
     Region,
-    last_tenth,
-    present_items,
+    present_splits,
 )
 from ulm_dist.data.layouts import MAFL5, MAFL5_NAMES
 
 NAME = "celeba-mafl"
 LAYOUT = dataclasses.replace(MAFL5, protocol="mafl")
+# The landmarks are integer pixel positions of the aligned image, taken as 0-based indices
+# (pixel i's centre is i + 0.5 in the shards). Not verified: CelebA's README and the file's
+# header state no origin, and IMM's celeba_dataset.py and lmdis-rep use the integers as they
+# are, without a shift.
+PIXEL_ORIGIN = 0.5
 # The centre share of the square-resized image that is kept (IMM's crop_percent).
 CROP_FRACTION = 0.8
 # Where the aligned images may be, in the order tried: CelebA's JPEGs, its PNGs (Zhang et
@@ -126,7 +140,8 @@ def read_partition(path: Path) -> dict[str, int]:
     return partition
 
 
-def collect(source: Path, image_size: int, crop_fraction: float = CROP_FRACTION) -> BenchmarkImport:
+def collect(source: Path, image_size: int, options: ImportOptions) -> BenchmarkImport:
+    crop_fraction = options.crop_fraction
     landmarks = read_landmarks(source / "Anno" / "list_landmarks_align_celeba.txt")
     partition = read_partition(source / "Eval" / "list_eval_partition.txt")
     mafl_train = read_names(source / "MAFL" / "training.txt", "MAFL's training list")
@@ -149,17 +164,15 @@ def collect(source: Path, image_size: int, crop_fraction: float = CROP_FRACTION)
                 image=_image_path(folder, name),
                 landmarks=landmarks[name],
                 region=region,
+                origin_offset=PIXEL_ORIGIN,
             )
             for name in names
         ]
 
-    missing: dict[str, list[str]] = {}
-    splits = {}
-    for split, names in (("train", celeba_train), ("mafl_train", mafl_train), ("test", mafl_test)):
-        missing[split] = []
-        splits[split] = present_items(items(names), missing[split])
-    missing["val"] = []
-    splits["val"] = present_items(items(last_tenth(mafl_train)), missing["val"])
+    splits, missing = present_splits(
+        {"train": items(celeba_train), "mafl_train": items(mafl_train), "test": items(mafl_test)},
+        val_of="mafl_train",
+    )
     return BenchmarkImport(
         name=NAME,
         splits=splits,

@@ -17,6 +17,13 @@ by its bounding box made square about its centre (side max(width, height), black
 reaches outside the image), so the stored image's side is the box's longer side. Every part
 keeps its visibility flag (`visible.npy` in the shards): evaluation fits and scores only the
 visible parts. The flip permutation pairs the parts named "left X" and "right X".
+
+Lorenz et al. 2019 did not use this framing: their CUB images are their own 300 x 300 crops,
+"cropped and aligned so that the viewing direction is to the left", with the 15 points in
+[0, 1] of the crop (CompVis/unsupervised-disentangling, `transfer-demo/original_code/
+custom_datasets/cub_200_2011/README.md`). Errors on these shards are therefore not directly
+comparable with theirs; the squared box is ours, the nearest framing the official files
+allow.
 """
 
 from __future__ import annotations
@@ -30,14 +37,20 @@ from ulm_dist.data.benchmarks.annotation_files import AnnotationError, read_anno
 from ulm_dist.data.benchmarks.importer import (
     BenchmarkImport,
     BenchmarkItem,
+    ImportOptions,
     Region,
-    last_tenth,
-    present_items,
+    key_of,
+    present_splits,
 )
 from ulm_dist.data.layouts import LandmarkLayout
 
 NAME = "cub"
 PROTOCOL = "cub"
+# part_locs.txt's x, y are taken as 0-based pixel indices (pixel i's centre at i + 0.5 in the
+# shards); the box's x, y, width, height as its left and top pixels and its extent, i.e. the
+# continuous rectangle [x, x + width] x [y, y + height], unshifted. Not verified: the data
+# set's README names the columns but no origin.
+PIXEL_ORIGIN = 0.5
 
 
 def read_parts(source: Path) -> list[str]:
@@ -83,8 +96,8 @@ def _by_image(path: Path, what: str, columns: int, expected: str) -> dict[int, l
     return table
 
 
-def collect(source: Path, image_size: int) -> BenchmarkImport:
-    del image_size  # every bird is framed by its box, whatever the size
+def collect(source: Path, image_size: int, options: ImportOptions) -> BenchmarkImport:
+    del image_size, options  # every bird is framed by its box, whatever the size
     parts = read_parts(source)
     images = _by_image(
         source / "images.txt", "CUB's image list", 2, "an image id and its file name"
@@ -135,17 +148,16 @@ def collect(source: Path, image_size: int) -> BenchmarkImport:
         split = "train" if flag == ["1"] else "test"
         candidates[split].append(
             BenchmarkItem(
-                key=Path(name).with_suffix("").as_posix().replace(".", "_"),
+                key=key_of(name),
                 image=source / "images" / name,
                 landmarks=locations[image_id],
                 region=boxes[image_id],
                 visible=visibility[image_id],
+                origin_offset=PIXEL_ORIGIN,
                 metadata={"image_id": image_id, "class": Path(name).parent.name},
             )
         )
-    missing: dict[str, list[str]] = {"train": [], "test": [], "val": []}
-    splits = {split: present_items(items, missing[split]) for split, items in candidates.items()}
-    splits["val"] = present_items(last_tenth(candidates["train"]), missing["val"])
+    splits, missing = present_splits(candidates, val_of="train")
     layout = LandmarkLayout(
         eye_left=(), eye_right=(), flip_permutation=flip_permutation(parts), protocol=PROTOCOL
     )

@@ -16,11 +16,14 @@ frames). The activities are directions, discussion, greeting, posing, waiting an
 a sequence belongs to one when the first word of its folder name is that activity.
 
 The 32 motion-capture joints hold duplicates and joints that never move independently; they
-are reduced to the 17 that keypointgan's `data/human36m_skeleton.py` evaluates
-(`official_eval`), in index order, or kept whole with `all_joints` (Zhang et al.'s own
-evaluation code takes all 32). Splits: `train` (S1-S9), `test` (S11) and `val`, the last
+are reduced to the 17 that keypointgan's `data/human36m_skeleton.py` names `official_eval`,
+in index order, or kept whole with `all_joints`. The published numbers are over all 32:
+keypointgan's test config (`configs/test_simple_human.yaml`, `used_points: all`) and Zhang et
+al.'s `evaluation/mean_error_IOD.m` take every joint, so prepare with `all_joints` to compare
+with them. Splits: `train` (S1-S9), `test` (S11) and `val`, the last
 tenth of `train` (in subject and sequence order: S9's last sequences), for choosing
-checkpoints. Each sample's metadata holds its subject, activity, sequence and frame.
+checkpoints. Each sample's metadata holds its subject, activity, sequence and frame; the
+evaluation protocol averages the error per `activity` (`ulm_dist.evaluate.protocols`).
 """
 
 from __future__ import annotations
@@ -34,13 +37,18 @@ from ulm_dist.data.benchmarks.importer import (
     WHOLE_IMAGE,
     BenchmarkImport,
     BenchmarkItem,
-    last_tenth,
-    present_items,
+    ImportOptions,
+    present_splits,
 )
 from ulm_dist.data.layouts import LandmarkLayout
 
 NAME = "h36m"
 PROTOCOL = "h36m"
+# keypoints_2d are fractions of the frame in [0, 1], continuous: keypointgan multiplies them
+# by the frame's 128 pixels and uses them as they are (simplehuman36m_dataset.py), so no
+# shift. Whether 0 and 1 are the frame's edges or its outer pixels' centres (a 1/128 shift)
+# was not verified: the release's generating code was not found.
+PIXEL_ORIGIN = 0.0
 ACTIVITIES = ("directions", "discussion", "greeting", "posing", "waiting", "walking")
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8", "S9")
 TEST_SUBJECTS = ("S11",)
@@ -123,6 +131,7 @@ def subject_items(
                     landmarks=read_keypoints(landmarks_file)[list(joints)],
                     region=WHOLE_IMAGE,
                     annotated_size=(1.0, 1.0),
+                    origin_offset=PIXEL_ORIGIN,
                     mask=masks / sequence / f"{frame}.png" if with_masks else None,
                     metadata={
                         "subject": subject,
@@ -135,15 +144,10 @@ def subject_items(
     return items
 
 
-def collect(
-    source: Path,
-    image_size: int,
-    *,
-    frame_step: int = 1,
-    all_joints: bool = False,
-    keep_background: bool = False,
-) -> BenchmarkImport:
+def collect(source: Path, image_size: int, options: ImportOptions) -> BenchmarkImport:
     del image_size  # the whole frame is resized
+    frame_step, all_joints = options.frame_step, options.all_joints
+    keep_background = options.keep_background
     if frame_step < 1:
         raise ValueError(f"frame_step: expected 1 or more, got {frame_step}")
     joints = tuple(range(len(JOINT_NAMES))) if all_joints else EVALUATED_JOINTS
@@ -156,9 +160,7 @@ def collect(
         ]
         for split, subjects in (("train", TRAIN_SUBJECTS), ("test", TEST_SUBJECTS))
     }
-    missing: dict[str, list[str]] = {"train": [], "test": [], "val": []}
-    splits = {split: present_items(items, missing[split]) for split, items in candidates.items()}
-    splits["val"] = present_items(last_tenth(candidates["train"]), missing["val"])
+    splits, missing = present_splits(candidates, val_of="train")
     return BenchmarkImport(
         name=NAME,
         splits=splits,

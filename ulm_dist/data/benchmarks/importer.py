@@ -52,6 +52,16 @@ WHOLE_IMAGE = Region(0.0, 0.0, 1.0, 1.0, relative=True)
 
 
 @dataclass(frozen=True)
+class ImportOptions:
+    """The options only some importers take; each reads those that concern it."""
+
+    crop_fraction: float = 0.8  # celeba-mafl: centre share of the square-resized image
+    frame_step: int = 1  # h36m: every n-th frame of each sequence
+    all_joints: bool = False  # h36m: keep all 32 joints instead of the 17 evaluated
+    keep_background: bool = False  # h36m: do not multiply the masks in
+
+
+@dataclass(frozen=True)
 class BenchmarkItem:
     key: str  # unique within its split, no "."
     image: Path
@@ -60,6 +70,11 @@ class BenchmarkItem:
     # (width, height) of the frame the landmarks are given in, when it is not the image's own
     # pixels: AFLW's `hw`, or (1, 1) for Human3.6M's coordinates in [0, 1].
     annotated_size: tuple[float, float] | None = None
+    # Added to the annotated coordinates (in their own frame) to reach the shard convention,
+    # where the image spans [0, size] and pixel i's centre is at i + 0.5: +0.5 for 0-based
+    # pixel indices, -0.5 for 1-based ones, 0 for coordinates already continuous. Each
+    # importer's PIXEL_ORIGIN, with where its publisher's convention was checked.
+    origin_offset: float = 0.0
     visible: np.ndarray | None = None  # (L,) bool
     mask: Path | None = None  # a background mask (0 background, 255 subject), multiplied in
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +117,23 @@ def last_tenth(items: list[T]) -> list[T]:
     return items[len(items) - count :] if count else []
 
 
+def present_splits(
+    candidates: dict[str, list[BenchmarkItem]], val_of: str
+) -> tuple[dict[str, list[BenchmarkItem]], dict[str, list[str]]]:
+    """Each split's items whose files exist, plus "val", the last tenth of split `val_of`'s
+    candidates; and per split the files that are missing."""
+    candidates = {**candidates, "val": last_tenth(candidates[val_of])}
+    missing: dict[str, list[str]] = {split: [] for split in candidates}
+    splits = {split: present_items(items, missing[split]) for split, items in candidates.items()}
+    return splits, missing
+
+
+def key_of(name: str) -> str:
+    """A sample key from a file name relative to the image folder: the path without its
+    extension, any other "." made "_" (WebDataset splits keys at the first dot)."""
+    return Path(name).with_suffix("").as_posix().replace(".", "_")
+
+
 def frame_item(item: BenchmarkItem, size: int) -> Sample:
     """The item's region of its image as a size x size square, landmarks in its pixels."""
     with Image.open(item.image) as opened:
@@ -127,7 +159,7 @@ def frame_item(item: BenchmarkItem, size: int) -> Sample:
         picture = canvas
     box = (left + pad_left, top + pad_top, right + pad_left, bottom + pad_top)
     resized = picture.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    points = np.asarray(item.landmarks, np.float64)
+    points = np.asarray(item.landmarks, np.float64) + item.origin_offset
     if item.annotated_size is not None:
         points = points * [width / item.annotated_size[0], height / item.annotated_size[1]]
     # The shard convention: the region's [left, right] maps onto [0, size] continuously.
