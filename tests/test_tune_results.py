@@ -13,7 +13,7 @@ from test_store import write_checkpoint
 from ulm_dist.config import load_config
 from ulm_dist.storage import StorageFolder
 from ulm_dist.train.checkpoint import CheckpointStore
-from ulm_dist.train.tracking import mlflow_run
+from ulm_dist.train.tracking import MlflowRun, mlflow_run
 from ulm_dist.tune.config import sweep_config_from_dict
 from ulm_dist.tune.results import TABLE_NAME, collect_results
 from ulm_dist.tune.sweep import SUMMARY_NAME, track_results
@@ -90,3 +90,24 @@ def test_a_credential_in_a_failed_trials_error_is_in_no_table_summary_or_mlflow_
     assert client.get_run(parent.run_id).data.metrics[f"best/{METRIC}"] == 1.5
     assert SECRET not in "".join(capsys.readouterr())
 
+
+def test_a_tracking_store_gone_at_the_end_of_a_sweep_is_a_warning(
+    tmp_path, monkeypatch, unused_tcp_port, capsys
+):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries for minutes
+    sweep = sweep_config_from_dict(
+        {"name": "gone", "metric": METRIC, "space": {"train.lr": {"values": [0.001, 0.01]}}}
+    )
+    write_checkpoint(CheckpointStore(str(tmp_path / "runs"), "trial_a"), 2)
+    results = collect_results(
+        [tune_result("trial_a", 0.001, [2.0, 1.5])],
+        sweep,
+        load_config(None, []),
+        str(tmp_path / "runs"),
+        tmp_path / "logs",
+    )
+    parent = MlflowRun(f"http://127.0.0.1:{unused_tcp_port}", "0123456789abcdef")
+    track_results(parent, results)  # no error: the sweep's own results are all written
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings[0].startswith(f"warning: MLflow: could not log {SUMMARY_NAME}: ")
+    assert warnings[1].startswith("warning: MLflow: could not log the best trial's metric: ")

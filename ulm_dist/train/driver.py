@@ -65,6 +65,7 @@ from ulm_dist.train.tracking import (
     MlflowRun,
     TrackingError,
     check_tracking,
+    tracking_warning,
     training_run,
 )
 from ulm_dist.train.worker import train_func
@@ -207,9 +208,9 @@ def train(
         records = read_records(metrics_log.path) if metrics_log.path.is_file() else []
         summary = write_summary(log_folder, cfg, run_uri, final, records)
         if tracker is not None:
-            for path in (summary, metrics_log.path, curves, log_folder / RUN_CONFIG_NAME):
-                if path is not None:
-                    tracker.log_file(path)
+            track_outputs(
+                tracker, [summary, metrics_log.path, curves, log_folder / RUN_CONFIG_NAME]
+            )
     print_redacted(
         f"checkpoint: {final}\n"
         f"metrics:    {metrics_log.path}\n"
@@ -241,6 +242,17 @@ def write_summary(
     path = log_folder / SUMMARY_NAME
     path.write_text(json.dumps(redacted(summary), indent=1) + "\n")
     return path
+
+
+def track_outputs(tracker: MlflowRun, paths: list[Path | None]) -> None:
+    """The run's own files (summary, metrics, curves, config) as the MLflow run's artifacts,
+    once training is done; a file that cannot be logged is a warning, and the run ends as it
+    would without tracking (`RunReporter.track`)."""
+    for path in paths:
+        if path is not None:
+            warning = tracking_warning(f"log {path.name}", tracker.log_file, path)
+            if warning is not None:
+                print_redacted(warning, file=sys.stderr)
 
 
 class Interrupted(Exception):
@@ -368,7 +380,9 @@ class RunReporter(UserCallback):
             )
         if self.tracker is not None:
             # MLflow keeps every value logged: after a resume, a step reported again has two.
-            self.track(f"the metrics of step {record['step']}", self.tracker.log_metrics, record)
+            self.track(
+                f"log the metrics of step {record['step']}", self.tracker.log_metrics, record
+            )
         if checkpoint is not None:
             self.store.prune(self.keep_checkpoints)
         if checkpoint is not None and scores:  # only an evaluated step has pictures
@@ -390,16 +404,14 @@ class RunReporter(UserCallback):
             if self.tracker is not None:
                 name = f"{tag.removeprefix(VAL_PREFIX).replace('/', '_')}.png"
                 folder = f"{EVALUATION_FOLDER}/step_{step:08d}"
-                self.track(f"{folder}/{name}", self.tracker.log_bytes, png, name, folder)
+                self.track(f"log {folder}/{name}", self.tracker.log_bytes, png, name, folder)
 
-    def track(self, what: str, log: Callable[..., None], *args: Any) -> None:
+    def track(self, action: str, log: Callable[..., None], *args: Any) -> None:
         """`log(*args)` into MLflow; a failure is a warning line, and training goes on: a
         tracking server's outage must not end a run that the store and metrics.jsonl record."""
-        try:
-            log(*args)
-        except Exception as error:  # MlflowException, a connection error, a full disk
-            first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-            self.lines.put(f"warning: MLflow: could not log {what}: {first_line}")
+        warning = tracking_warning(action, log, *args)
+        if warning is not None:
+            self.lines.put(warning)
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in sorted(worker_exceptions.items()):
