@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import posixpath
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -180,7 +181,7 @@ def train(
             f"{'GPU' if use_gpu else 'CPU'}, {precision}, ZeRO-{cfg.train.zero_stage}; "
             f"{cfg.train.steps} steps x {cfg.train.batch_size} pairs; store {run_uri}"
         )
-        announce_start(store, start)
+        announce_start(cfg, store, start)
         if val_shards is not None:
             every = cfg.train.eval_every or cfg.train.checkpoint_every
             print_redacted(
@@ -461,6 +462,15 @@ def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None
             "folder, or resume with train.resume=auto"
         )
     start = resume_checkpoint(store, cfg.train.resume)
+    if start is not None and not in_run(store, start) and start.step >= cfg.train.steps:
+        # The worker trains while its step is below train.steps: here, not at all.
+        raise ConfigError(
+            f"train.steps: {cfg.train.steps}, but the checkpoint to start from (train.resume: "
+            f"{store.uri(start.path)}) is already at step {start.step}, so this run would train "
+            "0 steps; train.steps counts the checkpoint's steps too: set it to the total, the "
+            "checkpoint's step plus the steps to train from it (e.g. "
+            f"train.steps={start.step + cfg.train.steps} for {cfg.train.steps} more)"
+        )
     if start is not None and start.info.get("world_size") != cfg.train.num_workers:
         raise ConfigError(
             f"train.num_workers: the checkpoint to resume from ({store.uri(start.path)}) was "
@@ -471,17 +481,29 @@ def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None
     return start
 
 
-def announce_start(store: CheckpointStore, start: StoredCheckpoint | None) -> None:
+def in_run(store: CheckpointStore, checkpoint: StoredCheckpoint) -> bool:
+    """Whether `checkpoint` is one of the run's own, not another run's named by train.resume."""
+    return posixpath.dirname(checkpoint.path) == store.run_path
+
+
+def announce_start(cfg: Config, store: CheckpointStore, start: StoredCheckpoint | None) -> None:
     """Print where the run starts, and each newer checkpoint folder passed over as
-    incomplete (a save cut short, a file deleted): training redoes its steps."""
-    newest = start.step if start is not None and start.path.startswith(store.run_path) else -1
+    incomplete (a save cut short, a file deleted): training redoes its steps. A run whose
+    latest checkpoint is at train.steps is done: its workers start, load it and stop."""
+    newest = start.step if start is not None and in_run(store, start) else -1
     for skipped in store.scan().incomplete:
         if skipped.step > newest:
             print_redacted(
                 f"skipping {store.uri(skipped.path)}: incomplete ({skipped.reason}); its steps "
                 "are trained again"
             )
-    if start is not None:
+    if start is not None and start.step >= cfg.train.steps:
+        print_redacted(
+            f"run {cfg.train.run_name} is already complete: its latest checkpoint "
+            f"{store.uri(start.path)} is at step {start.step} of train.steps={cfg.train.steps}; "
+            "nothing is trained (raise train.steps to train it further)"
+        )
+    elif start is not None:
         print_redacted(f"resuming from {store.uri(start.path)} (step {start.step})")
 
 
