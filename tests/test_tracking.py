@@ -4,6 +4,7 @@ runs end with the status of how they ended; a child names its parent. The end-to
 (a training run, a sweep) are tracked in test_train.py and test_tune.py."""
 
 import os
+import shutil
 
 import pytest
 from mlflow import MlflowClient
@@ -151,18 +152,16 @@ def test_an_experiment_that_is_missing_is_created(tracking_uri):
     assert client.get_run(run.run_id).info.experiment_id == experiment.experiment_id
 
 
-def test_a_store_gone_at_the_end_of_a_run_is_a_warning_and_the_run_ends(tmp_path, capsys):
-    # A store of its own, to break: every request to it fails once its tables are gone.
+def test_a_store_gone_at_the_end_of_a_run_is_a_warning_and_the_run_ends(
+    tracking_uri, tmp_path, capsys
+):
+    # A copy of the store, to break (its tables made already): every request to it fails
+    # once they are gone.
     database = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{database}"
-    MlflowClient(uri).create_experiment("outage", artifact_location=(tmp_path / "mlruns").as_uri())
+    shutil.copyfile(tracking_uri.removeprefix("sqlite:///"), database)
     summary = tmp_path / "summary.json"
     summary.write_text("{}\n")
-    cfg = load_config(
-        None,
-        ["train.tracking=mlflow", f"train.tracking_uri={uri}", "train.tracking_experiment=outage"],
-    )
-    with training_run(cfg, "runs/demo", None, None) as run:
+    with training_run(tracked_config(f"sqlite:///{database}"), "runs/demo", None, None) as run:
         os.truncate(database, 0)
         track_outputs(run, [summary, None])  # what the driver logs once training is done
     warnings = capsys.readouterr().err
