@@ -45,7 +45,7 @@ from ulm_dist.deploy.export import export as export_artifact
 from ulm_dist.deploy.onnx_detector import can_export
 from ulm_dist.deploy.trained import load_trained
 from ulm_dist.extras import MissingExtraError
-from ulm_dist.redaction import print_redacted
+from ulm_dist.redaction import print_redacted, redacted_errors
 from ulm_dist.storage import S3Options, StorageError, StorageFolder, s3_options
 from ulm_dist.train.driver import train
 from ulm_dist.train.preflight import (
@@ -211,10 +211,12 @@ def run_trial(
     parent: MlflowRun | None = None,
 ) -> None:
     """One trial: a training run named after the trial, in the sweep's folders; in MLflow,
-    a child of the sweep's run `parent`."""
+    a child of the sweep's run `parent`. Its error reaches Tune, and the trial's error.txt in
+    the sweep's folder, with URL credentials redacted."""
     run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
     cfg = sweep.trial_config(params, [*fixed, f"train.run_name={run_name}"])
-    train(cfg, verbose, callbacks=[MetricReporter(sweep.metric)], tracking_parent=parent)
+    with redacted_errors():
+        train(cfg, verbose, callbacks=[MetricReporter(sweep.metric)], tracking_parent=parent)
 
 
 def sweep_tracking(
