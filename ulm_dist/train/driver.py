@@ -454,7 +454,8 @@ def printing_lines(lines: Queue) -> Iterator[None]:
 
 def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None:
     """The checkpoint the workers will start from (`checkpoint.resume_checkpoint`); a resume
-    setting that cannot work is refused before anything starts."""
+    setting that cannot work (another run's checkpoint already at train.steps, another number
+    of workers) is refused before anything starts."""
     if cfg.train.resume == "never" and store.has_checkpoint_folders():
         raise ConfigError(
             f"train.resume: never, but run {cfg.train.run_name!r} already has checkpoints in "
