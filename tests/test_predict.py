@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ulm_dist.config import load_config
-from ulm_dist.deploy.artifact import README_NAME, Regressor, load_detector
+from ulm_dist.deploy.artifact import DETECTOR_NAME, README_NAME, Regressor, load_detector
 from ulm_dist.deploy.export import export
 from ulm_dist.deploy.onnx_detector import BATCH_NAME, ONNX_NAME, ONNX_OPSET, ONNX_TOLERANCE
 from ulm_dist.deploy.predict import main
@@ -235,3 +235,20 @@ def test_a_corrupt_or_missing_onnx_file_gets_a_clear_error(artifact, tmp_path, c
     assert main(argv) == 2
     assert "the artifact was exported without ONNX" in capsys.readouterr().err
     assert not (tmp_path / "out" / "landmarks.csv").exists()
+
+
+def test_a_folder_with_only_the_onnx_model_predicts_with_onnxruntime(artifact, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    Image.fromarray(random_picture(SIZE, SIZE, 0)).save(image)
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    (copy / DETECTOR_NAME).unlink()
+    argv = [str(copy), str(image), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--runtime", "onnx"]) == 0
+    assert len(pyarrow.csv.read_csv(tmp_path / "out" / "landmarks.csv")) == K + L
+    capsys.readouterr()
+
+    assert main([*argv, "--runtime", "torch"]) == 2
+    error = capsys.readouterr().err
+    assert f"{copy / DETECTOR_NAME}: no such file, and the torch runtime runs" in error
+    assert f"the folder has {ONNX_NAME}: run it with --runtime onnx" in error

@@ -5,7 +5,7 @@ import pytest
 
 import ulm_dist.train.driver
 from ulm_dist.config import load_config
-from ulm_dist.redaction import redact_url
+from ulm_dist.redaction import RedactedError, redact_url, redacted_errors
 from ulm_dist.train.checkpoint import TrainState, write_train_state
 
 SECRET = "planted-s3cr3t"
@@ -84,3 +84,20 @@ def test_a_secret_in_an_endpoint_url_is_not_printed(capsys, tmp_path, s3_server,
     printed = capsys.readouterr()
     assert f"(endpoint http://***@127.0.0.1:{unused_tcp_port}): cannot reach" in printed.err
     assert SECRET not in printed.out + printed.err
+
+
+def test_an_error_holding_a_credential_is_raised_again_without_it():
+    # As a sweep's trial raises it to Tune, which writes it into the sweep's folder.
+    with pytest.raises(RedactedError) as raised, redacted_errors():
+        try:
+            raise OSError(f"curl: could not connect to {ENDPOINT}")
+        except OSError as cause:
+            raise ValueError("reading the shards failed") from cause
+    text = str(raised.value)
+    assert text.startswith("ValueError: reading the shards failed\n")
+    assert f"OSError: curl: could not connect to {REDACTED_ENDPOINT}" in text  # the cause
+    assert SECRET not in text and raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
+
+    with pytest.raises(KeyError), redacted_errors():  # nothing to redact: raised as it is
+        raise KeyError("no credential here")

@@ -12,7 +12,7 @@ import ray.train
 from ray.train.v2._internal.execution.storage import StorageContext
 from s3_server import local_s3_server_process
 
-from ulm_dist.storage import S3Options, StorageError
+from ulm_dist.storage import S3AccessError, S3Options, StorageError, read_object
 from ulm_dist.train.checkpoint import MARKER_NAME, CheckpointStore, local_copy
 
 # Port 1 (tcpmux) has no listener on any machine these tests run on: connections are refused.
@@ -217,6 +217,19 @@ def test_store_errors_keep_credentials_in_the_endpoint_out_of_the_message():
         raise OSError("curl: could not reach http://KEY:PLANTED_SECRET@127.0.0.1:1")
     assert "PLANTED_SECRET" not in str(raised.value)
     assert "endpoint http://***@127.0.0.1:1" in str(raised.value)
+
+
+def test_s3_client_errors_keep_credentials_in_the_endpoint_out_of_the_message(
+    monkeypatch, unused_tcp_port
+):
+    # The message, not only its printout: a sweep keeps a failed trial's error in its table.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = f"http://KEY:PLANTED_SECRET@127.0.0.1:{unused_tcp_port}"
+    with pytest.raises(S3AccessError) as raised:
+        read_object("s3://bucket/shard.tar", S3Options(endpoint, max_attempts=1))
+    assert f"(endpoint http://***@127.0.0.1:{unused_tcp_port}): cannot reach" in str(raised.value)
+    assert "PLANTED_SECRET" not in str(raised.value)
 
 
 @pytest.fixture

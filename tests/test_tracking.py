@@ -3,11 +3,15 @@ MLflow's client: the params are the whole resolved config, flattened, with no se
 runs end with the status of how they ended; a child names its parent. The end-to-end runs
 (a training run, a sweep) are tracked in test_train.py and test_tune.py."""
 
+import os
+import shutil
+
 import pytest
 from mlflow import MlflowClient
 
 from ulm_dist.config import ConfigError, load_config
 from ulm_dist.extras import MissingExtraError, require
+from ulm_dist.train.driver import track_outputs
 from ulm_dist.train.tracking import (
     PARENT_TAG,
     RESUMED_TAG,
@@ -146,3 +150,23 @@ def test_an_experiment_that_is_missing_is_created(tracking_uri):
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("made-by-the-run")
     assert client.get_run(run.run_id).info.experiment_id == experiment.experiment_id
+
+
+def test_a_store_gone_at_the_end_of_a_run_is_a_warning_and_the_run_ends(
+    tracking_uri, tmp_path, capsys
+):
+    # A copy of the store, to break (its tables made already): every request to it fails
+    # once they are gone.
+    database = tmp_path / "mlflow.db"
+    shutil.copyfile(tracking_uri.removeprefix("sqlite:///"), database)
+    summary = tmp_path / "summary.json"
+    summary.write_text("{}\n")
+    with training_run(tracked_config(f"sqlite:///{database}"), "runs/demo", None, None) as run:
+        os.truncate(database, 0)
+        track_outputs(run, [summary, None])  # what the driver logs once training is done
+    warnings = capsys.readouterr().err
+    assert "warning: MLflow: could not log summary.json: " in warnings
+    assert f"warning: MLflow: could not end run {run.run_id} as FINISHED (it shows as RUNNING)" in (
+        warnings
+    )
+    assert summary.read_text() == "{}\n"

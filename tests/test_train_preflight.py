@@ -11,7 +11,7 @@ from test_store import UNREACHABLE_ENDPOINT, write_checkpoint
 
 from ulm_dist.config import load_config
 from ulm_dist.train.checkpoint import CheckpointStore
-from ulm_dist.train.driver import main
+from ulm_dist.train.driver import announce_start, check_resume, main
 
 
 @pytest.fixture
@@ -153,6 +153,49 @@ def test_resuming_with_another_number_of_workers_is_refused(capsys, tmp_path, ru
     error = refused(capsys, [*run_args, "train.num_workers=4"])
     assert "train.num_workers: the checkpoint to resume from" in error
     assert "was written by 2 workers, this run has 4" in error
+
+
+@pytest.mark.parametrize(
+    ("storage", "run_name", "steps"),
+    # demo_base: beside this run (demo), its name starting with this one's.
+    [("elsewhere", "old", 10), ("runs", "demo_base", 4)],
+)
+def test_resuming_another_runs_checkpoint_at_or_past_train_steps_is_refused(
+    capsys, tmp_path, run_args, storage, run_name, steps
+):
+    path = write_checkpoint(CheckpointStore(str(tmp_path / storage), run_name), 10)
+    error = refused(capsys, [*run_args, "--resume", path, f"train.steps={steps}"])
+    assert error.startswith(
+        f"ulm_dist.train: error: train.steps: {steps}, but the checkpoint to start from "
+        f"(train.resume: {path}) is already at step 10, so this run would train 0 steps; "
+    )
+    assert error.rstrip().endswith(
+        "set it to the total, the checkpoint's step plus the steps to train from it (e.g. "
+        f"train.steps={10 + steps} for {steps} more)"
+    )
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_trains_to_train_steps(tmp_path):
+    path = write_checkpoint(CheckpointStore(str(tmp_path / "elsewhere"), "old"), 10)
+    cfg = load_config(
+        None, [f"train.storage={tmp_path / 'runs'}", f"train.resume={path}", "train.steps=11"]
+    )
+    store = CheckpointStore(cfg.train.storage, cfg.train.run_name)
+    assert check_resume(cfg, store).step == 10
+
+
+def test_a_complete_run_run_again_says_so(capsys, tmp_path):
+    store = CheckpointStore(str(tmp_path / "runs"), "demo")
+    path = write_checkpoint(store, 10)
+    cfg = load_config(None, ["train.steps=10"])
+    start = check_resume(cfg, store)  # its own checkpoint: no refusal, the workers stop at once
+    announce_start(cfg, store, start)
+    assert capsys.readouterr().out == (
+        f"run demo is already complete: its latest checkpoint {path} is at step 10 of "
+        "train.steps=10; nothing is trained (raise train.steps to train it further)\n"
+    )
+    announce_start(load_config(None, ["train.steps=20"]), store, start)
+    assert capsys.readouterr().out == f"resuming from {path} (step 10)\n"
 
 
 def test_the_demo_job_file_is_the_embedded_default():

@@ -10,7 +10,10 @@ environment or the AWS credential chain, not in them.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import traceback
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from ulm_dist.config import Config
@@ -45,3 +48,24 @@ def redacted_config(cfg: Config) -> dict[str, Any]:
 def print_redacted(text: str, file: TextIO | None = None) -> None:
     """print() for a command's output, which ends up in terminals, CI and Ray job logs."""
     print(redact_url(text), file=file, flush=True)
+
+
+class RedactedError(RuntimeError):
+    """An exception whose text held a URL credential, raised again with it redacted."""
+
+
+@contextlib.contextmanager
+def redacted_errors() -> Iterator[None]:
+    """Re-raise an exception whose text (its message, traceback or chained causes) holds a URL
+    credential as a RedactedError: its first line the original's type and redacted message,
+    then the redacted traceback, without the chain. For a Tune trial, whose error Tune writes
+    into the sweep's folder (error.txt) as it gets it."""
+    try:
+        yield
+    except Exception as error:
+        text = "".join(traceback.format_exception(error))
+        if redact_url(text) == text:
+            raise
+        raise RedactedError(
+            f"{type(error).__name__}: {redact_url(str(error))}\n\n{redact_url(text)}"
+        ) from None

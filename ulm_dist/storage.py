@@ -126,8 +126,9 @@ def _client_for_process(options: S3Options, pid: int) -> Any:
 
 @contextlib.contextmanager
 def _named_errors(url: str, options: S3Options) -> Iterator[None]:
-    """Re-raise botocore's errors as ObjectNotFound or S3AccessError naming URL and endpoint."""
-    where = f"{url} (endpoint {options.endpoint_url or 'AWS default'})"
+    """Re-raise botocore's errors as ObjectNotFound or S3AccessError naming URL and endpoint,
+    the endpoint's credentials redacted: the message travels into logs and sweep tables."""
+    where = f"{url} (endpoint {redact_url(options.endpoint_url or 'AWS default')})"
     try:
         yield
     except botocore.exceptions.ClientError as error:
@@ -151,11 +152,14 @@ def _named_errors(url: str, options: S3Options) -> Iterator[None]:
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role is available"
         ) from error
     except boto3.exceptions.S3UploadFailedError as error:
-        raise S3AccessError(f"{where}: upload failed: {error}") from error
+        # The client's own words may quote the endpoint: redacted too.
+        raise S3AccessError(redact_url(f"{where}: upload failed: {error}")) from error
     except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as error:
         raise S3AccessError(
-            f"{where}: cannot reach the endpoint after {options.max_attempts} attempts "
-            f"({error}); check data.s3_endpoint_url and the network"
+            redact_url(
+                f"{where}: cannot reach the endpoint after {options.max_attempts} attempts "
+                f"({error}); check data.s3_endpoint_url and the network"
+            )
         ) from error
 
 
@@ -324,7 +328,7 @@ class StorageFolder:
         `operation`, also for failures caught by someone else (Ray Train's controller)."""
         if isinstance(self.filesystem, pafs.S3FileSystem):
             advice = (
-                f"the S3 store (endpoint {self.s3.endpoint_url or 'AWS default'}) "
+                f"the S3 store (endpoint {redact_url(self.s3.endpoint_url or 'AWS default')}) "
                 f"failed {self.s3.max_attempts} attempts of at most "
                 f"{self.s3.read_timeout_s:g} s each (data.s3_max_attempts); check that it is "
                 "up and reachable and the credentials"
@@ -356,9 +360,12 @@ class StorageFolder:
             self.filesystem.delete_file(probe)
         except OSError as error:
             raise StorageError(
-                f"train.storage: cannot write to {self.uri(self.path)}: {error}. Expected a "
-                "writable local folder or s3://bucket/prefix: check the path or that the bucket "
-                "exists, the AWS credentials, and data.s3_endpoint_url for S3-compatible stores"
+                redact_url(
+                    f"train.storage: cannot write to {self.uri(self.path)}: {error}. Expected "
+                    "a writable local folder or s3://bucket/prefix: check the path or that the "
+                    "bucket exists, the AWS credentials, and data.s3_endpoint_url for "
+                    "S3-compatible stores"
+                )
             ) from error
 
     def exists(self, name: str) -> bool:

@@ -129,11 +129,14 @@ def load_detector(
 ) -> Detector:
     """The detector exported to `folder`, on `device`: its torch.export program, or with
     runtime="onnx" its detector.onnx in onnxruntime (CUDA provider for a cuda device; images
-    and landmarks then stay on the CPU, onnxruntime copies them)."""
+    and landmarks then stay on the CPU, onnxruntime copies them). Besides metadata.json, only
+    the runtime's own file must be there."""
     folder = Path(folder)
     device = torch.device(device)
-    missing = [name for name in (DETECTOR_NAME, METADATA_NAME) if not (folder / name).is_file()]
-    if missing:
+    # Only what the runtime runs is needed: a folder may be shipped with one model file.
+    program_name = ONNX_NAME if runtime == "onnx" else DETECTOR_NAME
+    if not (folder / METADATA_NAME).is_file():
+        missing = [name for name in (program_name, METADATA_NAME) if not (folder / name).is_file()]
         raise ArtifactError(
             f"{folder}: not an exported detector (missing {', '.join(missing)}); "
             "make one with `python -m ulm_dist.export RUN --out FOLDER`"
@@ -145,6 +148,17 @@ def load_detector(
         except OnnxError as error:
             raise ArtifactError(str(error)) from error
         device = torch.device("cpu")
+    elif not (folder / DETECTOR_NAME).is_file():
+        instead = (
+            f"the folder has {ONNX_NAME}: run it with --runtime onnx (runtime='onnx'), or "
+            if (folder / ONNX_NAME).is_file()
+            else ""
+        )
+        raise ArtifactError(
+            f"{folder / DETECTOR_NAME}: no such file, and the torch runtime runs this "
+            f"torch.export program; {instead}export the checkpoint again with "
+            "`python -m ulm_dist.export`"
+        )
     else:
         program = load_program(folder / DETECTOR_NAME, device)
     num_landmarks = metadata["num_landmarks"]

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import posixpath
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +66,7 @@ from ulm_dist.train.tracking import (
     MlflowRun,
     TrackingError,
     check_tracking,
+    tracking_warning,
     training_run,
 )
 from ulm_dist.train.worker import train_func
@@ -179,7 +181,7 @@ def train(
             f"{'GPU' if use_gpu else 'CPU'}, {precision}, ZeRO-{cfg.train.zero_stage}; "
             f"{cfg.train.steps} steps x {cfg.train.batch_size} pairs; store {run_uri}"
         )
-        announce_start(store, start)
+        announce_start(cfg, store, start)
         if val_shards is not None:
             every = cfg.train.eval_every or cfg.train.checkpoint_every
             print_redacted(
@@ -207,9 +209,9 @@ def train(
         records = read_records(metrics_log.path) if metrics_log.path.is_file() else []
         summary = write_summary(log_folder, cfg, run_uri, final, records)
         if tracker is not None:
-            for path in (summary, metrics_log.path, curves, log_folder / RUN_CONFIG_NAME):
-                if path is not None:
-                    tracker.log_file(path)
+            track_outputs(
+                tracker, [summary, metrics_log.path, curves, log_folder / RUN_CONFIG_NAME]
+            )
     print_redacted(
         f"checkpoint: {final}\n"
         f"metrics:    {metrics_log.path}\n"
@@ -241,6 +243,17 @@ def write_summary(
     path = log_folder / SUMMARY_NAME
     path.write_text(json.dumps(redacted(summary), indent=1) + "\n")
     return path
+
+
+def track_outputs(tracker: MlflowRun, paths: list[Path | None]) -> None:
+    """The run's own files (summary, metrics, curves, config) as the MLflow run's artifacts,
+    once training is done; a file that cannot be logged is a warning, and the run ends as it
+    would without tracking (`RunReporter.track`)."""
+    for path in paths:
+        if path is not None:
+            warning = tracking_warning(f"log {path.name}", tracker.log_file, path)
+            if warning is not None:
+                print_redacted(warning, file=sys.stderr)
 
 
 class Interrupted(Exception):
@@ -368,7 +381,9 @@ class RunReporter(UserCallback):
             )
         if self.tracker is not None:
             # MLflow keeps every value logged: after a resume, a step reported again has two.
-            self.track(f"the metrics of step {record['step']}", self.tracker.log_metrics, record)
+            self.track(
+                f"log the metrics of step {record['step']}", self.tracker.log_metrics, record
+            )
         if checkpoint is not None:
             self.store.prune(self.keep_checkpoints)
         if checkpoint is not None and scores:  # only an evaluated step has pictures
@@ -390,16 +405,14 @@ class RunReporter(UserCallback):
             if self.tracker is not None:
                 name = f"{tag.removeprefix(VAL_PREFIX).replace('/', '_')}.png"
                 folder = f"{EVALUATION_FOLDER}/step_{step:08d}"
-                self.track(f"{folder}/{name}", self.tracker.log_bytes, png, name, folder)
+                self.track(f"log {folder}/{name}", self.tracker.log_bytes, png, name, folder)
 
-    def track(self, what: str, log: Callable[..., None], *args: Any) -> None:
+    def track(self, action: str, log: Callable[..., None], *args: Any) -> None:
         """`log(*args)` into MLflow; a failure is a warning line, and training goes on: a
         tracking server's outage must not end a run that the store and metrics.jsonl record."""
-        try:
-            log(*args)
-        except Exception as error:  # MlflowException, a connection error, a full disk
-            first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-            self.lines.put(f"warning: MLflow: could not log {what}: {first_line}")
+        warning = tracking_warning(action, log, *args)
+        if warning is not None:
+            self.lines.put(warning)
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in sorted(worker_exceptions.items()):
@@ -441,7 +454,8 @@ def printing_lines(lines: Queue) -> Iterator[None]:
 
 def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None:
     """The checkpoint the workers will start from (`checkpoint.resume_checkpoint`); a resume
-    setting that cannot work is refused before anything starts."""
+    setting that cannot work (another run's checkpoint already at train.steps, another number
+    of workers) is refused before anything starts."""
     if cfg.train.resume == "never" and store.has_checkpoint_folders():
         raise ConfigError(
             f"train.resume: never, but run {cfg.train.run_name!r} already has checkpoints in "
@@ -449,6 +463,15 @@ def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None
             "folder, or resume with train.resume=auto"
         )
     start = resume_checkpoint(store, cfg.train.resume)
+    if start is not None and not in_run(store, start) and start.step >= cfg.train.steps:
+        # The worker trains while its step is below train.steps: here, not at all.
+        raise ConfigError(
+            f"train.steps: {cfg.train.steps}, but the checkpoint to start from (train.resume: "
+            f"{store.uri(start.path)}) is already at step {start.step}, so this run would train "
+            "0 steps; train.steps counts the checkpoint's steps too: set it to the total, the "
+            "checkpoint's step plus the steps to train from it (e.g. "
+            f"train.steps={start.step + cfg.train.steps} for {cfg.train.steps} more)"
+        )
     if start is not None and start.info.get("world_size") != cfg.train.num_workers:
         raise ConfigError(
             f"train.num_workers: the checkpoint to resume from ({store.uri(start.path)}) was "
@@ -459,17 +482,29 @@ def check_resume(cfg: Config, store: CheckpointStore) -> StoredCheckpoint | None
     return start
 
 
-def announce_start(store: CheckpointStore, start: StoredCheckpoint | None) -> None:
+def in_run(store: CheckpointStore, checkpoint: StoredCheckpoint) -> bool:
+    """Whether `checkpoint` is one of the run's own, not another run's named by train.resume."""
+    return posixpath.dirname(checkpoint.path) == store.run_path
+
+
+def announce_start(cfg: Config, store: CheckpointStore, start: StoredCheckpoint | None) -> None:
     """Print where the run starts, and each newer checkpoint folder passed over as
-    incomplete (a save cut short, a file deleted): training redoes its steps."""
-    newest = start.step if start is not None and start.path.startswith(store.run_path) else -1
+    incomplete (a save cut short, a file deleted): training redoes its steps. A run whose
+    latest checkpoint is at train.steps is done: its workers start, load it and stop."""
+    newest = start.step if start is not None and in_run(store, start) else -1
     for skipped in store.scan().incomplete:
         if skipped.step > newest:
             print_redacted(
                 f"skipping {store.uri(skipped.path)}: incomplete ({skipped.reason}); its steps "
                 "are trained again"
             )
-    if start is not None:
+    if start is not None and start.step >= cfg.train.steps:
+        print_redacted(
+            f"run {cfg.train.run_name} is already complete: its latest checkpoint "
+            f"{store.uri(start.path)} is at step {start.step} of train.steps={cfg.train.steps}; "
+            "nothing is trained (raise train.steps to train it further)"
+        )
+    elif start is not None:
         print_redacted(f"resuming from {store.uri(start.path)} (step {start.step})")
 
 

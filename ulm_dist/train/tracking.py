@@ -11,6 +11,11 @@ at `train.tracking_uri`, named after `train.run_name`, holding:
     tags       ulm_dist.run: the run folder; ulm_dist.resumed_from: the checkpoint it
                continued from, if any
 
+A store that cannot be reached when the run starts stops it there (`TrackingError`), before
+Ray starts. Once it runs, MLflow is a copy of what the run folder and metrics.jsonl record: a
+failure to log into it, or to end its run, is a warning line (`tracking_warning`), and the run
+goes on and ends as it would without tracking.
+
 A rerun that resumes is a new MLflow run with the same `ulm_dist.run` tag (a resumed config may
 change values that MLflow would refuse to log again into the first run). A sweep
 (`tune/sweep.py`) is one parent run, and each trial's training run is its child (MLflow's
@@ -36,16 +41,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ulm_dist.config import Config
 from ulm_dist.extras import require
-from ulm_dist.redaction import redact_url, redacted, redacted_config
+from ulm_dist.redaction import print_redacted, redact_url, redacted, redacted_config
 
 RUN_TAG = "ulm_dist.run"
 RESUMED_TAG = "ulm_dist.resumed_from"
@@ -163,7 +169,26 @@ def mlflow_run(
         status = "KILLED"
         raise
     finally:
-        session.end_run(status=run.end_status or status)
+        status = run.end_status or status
+        # MLflow takes the run off this process's stack before it asks the store: after a
+        # failure here, no run is left active.
+        warning = tracking_warning(
+            f"end run {run.run_id} as {status} (it shows as RUNNING)", session.end_run, status
+        )
+        if warning is not None:
+            print_redacted(warning, file=sys.stderr)
+
+
+def tracking_warning(action: str, log: Callable[..., None], *args: Any) -> str | None:
+    """`log(*args)` into MLflow; None, or the warning line to show when it failed (`action`
+    says what: "log summary.json"). A tracking store's outage must not end a run that the
+    store and metrics.jsonl record: the caller shows the line and goes on."""
+    try:
+        log(*args)
+    except Exception as error:  # MlflowException, a connection error, a full disk
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        return redact_url(f"warning: MLflow: could not {action}: {first_line}")
+    return None
 
 
 def check_tracking(cfg: Config) -> None:

@@ -4,6 +4,10 @@ Trials are ranked by the best value of the sweep's metric each reached: with ASH
 at different steps, and a run's best checkpoint (what `deploy/export.py` picks) is not
 always its last.
 The table (`trials.parquet`) and the plot go into the sweep's folder, local or S3.
+
+A failed trial's error is kept as Tune gives it, tracebacks included, with URL credentials
+redacted (`redaction.py`): the table and the summary are shared, uploaded to MLflow and printed,
+and an error from an S3 client may quote an endpoint given as `http://KEY:SECRET@host`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pyarrow.parquet as pq
 from ray.tune import ResultGrid
 
 from ulm_dist.config import Config
+from ulm_dist.redaction import redact_url, redacted
 from ulm_dist.storage import StorageFolder, s3_options
 from ulm_dist.train.checkpoint import CheckpointStore
 from ulm_dist.train.metrics_log import TENSORBOARD_NAME
@@ -41,7 +46,7 @@ class TrialResult:
     run: str  # the training run's folder (URI)
     checkpoint: str | None  # its latest complete checkpoint (URI)
     tensorboard: Path
-    error: str | None = None
+    error: str | None = None  # why it failed, URL credentials redacted
 
 
 @dataclass
@@ -63,20 +68,23 @@ class SweepResults:
         return next((t for t in self.ranked() if t.checkpoint is not None), None)
 
     def rows(self) -> list[dict[str, Any]]:
+        """The table's rows, URL credentials redacted (a searched value or a path may hold one)."""
         metric = self.sweep.metric
         return [
-            {
-                "trial": trial.name,
-                "status": trial.status,
-                "step": trial.step,
-                **trial.params,
-                f"best/{metric}": trial.best,
-                **{f"final/{name}": value for name, value in trial.final.items()},
-                "checkpoint": trial.checkpoint,
-                "run": trial.run,
-                "tensorboard": str(trial.tensorboard),
-                "error": trial.error,
-            }
+            redacted(
+                {
+                    "trial": trial.name,
+                    "status": trial.status,
+                    "step": trial.step,
+                    **trial.params,
+                    f"best/{metric}": trial.best,
+                    **{f"final/{name}": value for name, value in trial.final.items()},
+                    "checkpoint": trial.checkpoint,
+                    "run": trial.run,
+                    "tensorboard": str(trial.tensorboard),
+                    "error": trial.error,
+                }
+            )
             for trial in self.trials
         ]
 
@@ -104,7 +112,8 @@ class SweepResults:
         self.written[what] = folder.uri(path)
 
     def summary(self) -> str:
-        """What the terminal shows at the end: the ranking, the best trial, where things are."""
+        """What the terminal shows at the end: the ranking, the best trial, where things are;
+        URL credentials redacted."""
         metric, sweep = self.sweep.metric, self.sweep
         counts: dict[str, int] = {}
         for trial in self.trials:
@@ -146,7 +155,7 @@ class SweepResults:
         if self.exported is not None:
             lines.append(f"exported: {self.exported}")
         lines.append(f"TensorBoard: tensorboard --logdir {self.log_folder}")
-        return "\n".join(lines)
+        return redact_url("\n".join(lines))
 
 
 def collect_results(
@@ -182,7 +191,7 @@ def collect_results(
                 run=store.uri(store.run_path),
                 checkpoint=store.uri(latest.path) if latest else None,
                 tensorboard=log_folder / name / TENSORBOARD_NAME,
-                error=str(result.error) if result.error else None,
+                error=redact_url(str(result.error)) if result.error else None,
             )
         )
     return SweepResults(sweep, trials, log_folder)

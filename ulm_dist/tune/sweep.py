@@ -45,7 +45,7 @@ from ulm_dist.deploy.export import export as export_artifact
 from ulm_dist.deploy.onnx_detector import can_export
 from ulm_dist.deploy.trained import load_trained
 from ulm_dist.extras import MissingExtraError
-from ulm_dist.redaction import print_redacted
+from ulm_dist.redaction import print_redacted, redacted_errors
 from ulm_dist.storage import S3Options, StorageError, StorageFolder, s3_options
 from ulm_dist.train.driver import train
 from ulm_dist.train.preflight import (
@@ -62,6 +62,7 @@ from ulm_dist.train.tracking import (
     check_tracking,
     flat_params,
     mlflow_run,
+    tracking_warning,
 )
 from ulm_dist.tune.config import SweepConfig, load_sweep_config
 from ulm_dist.tune.results import SweepResults, collect_results
@@ -210,10 +211,12 @@ def run_trial(
     parent: MlflowRun | None = None,
 ) -> None:
     """One trial: a training run named after the trial, in the sweep's folders; in MLflow,
-    a child of the sweep's run `parent`."""
+    a child of the sweep's run `parent`. Its error reaches Tune, and the trial's error.txt in
+    the sweep's folder, with URL credentials redacted."""
     run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
     cfg = sweep.trial_config(params, [*fixed, f"train.run_name={run_name}"])
-    train(cfg, verbose, callbacks=[MetricReporter(sweep.metric)], tracking_parent=parent)
+    with redacted_errors():
+        train(cfg, verbose, callbacks=[MetricReporter(sweep.metric)], tracking_parent=parent)
 
 
 def sweep_tracking(
@@ -239,14 +242,21 @@ def sweep_tracking(
 
 
 def track_results(parent: MlflowRun, results: SweepResults) -> None:
-    """The sweep's table, plot and ranking as the parent run's artifacts; the best value of
-    the metric as its metric `best/<metric>`."""
-    for name, data in results.files.items():
-        parent.log_bytes(data, name)
-    parent.log_bytes(results.summary().encode(), SUMMARY_NAME)
+    """The sweep's table, plot and ranking as the parent run's artifacts (redacted where
+    written, `tune/results.py`); the best value of the metric as its metric `best/<metric>`.
+    What cannot be logged is a warning: the sweep's folder and printout hold it all."""
+    files = {**results.files, SUMMARY_NAME: results.summary().encode()}
+    warnings = [
+        tracking_warning(f"log {name}", parent.log_bytes, data, name)
+        for name, data in files.items()
+    ]
     best = results.best()
     if best is not None:
-        parent.log_metrics({"step": best.step or 0, f"best/{results.sweep.metric}": best.best})
+        record = {"step": best.step or 0, f"best/{results.sweep.metric}": best.best}
+        warnings.append(tracking_warning("log the best trial's metric", parent.log_metrics, record))
+    for warning in warnings:
+        if warning is not None:
+            print_redacted(warning, file=sys.stderr)
 
 
 def trial_run_name(trial: Any) -> str:
