@@ -20,6 +20,7 @@ import os
 import sys
 
 from ulm_dist import storage
+from ulm_dist.arguments import positive_int, share
 from ulm_dist.data.benchmarks import BENCHMARKS, ImportOptions, collect_benchmark
 from ulm_dist.data.benchmarks.importer import write_benchmark
 from ulm_dist.data.build import (
@@ -122,20 +123,6 @@ def _print_manifest(manifest: Manifest, folder: str) -> None:
     )
 
 
-def crop_fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     summary = __doc__.split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m ulm_dist.data", description=summary)
@@ -177,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard")
     prepare.add_argument(
         "--crop-fraction",
-        type=crop_fraction,
+        type=share,
         default=0.8,
         help="celeba-mafl: the centre share of the square-resized aligned image kept (IMM)",
     )

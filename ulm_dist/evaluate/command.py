@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from ulm_dist.arguments import non_negative_float, positive_int
 from ulm_dist.config import DataConfig
 from ulm_dist.data import S3AccessError, ShardSet, prepare_shards
 from ulm_dist.deploy.trained import TrainedModel, load_trained
@@ -119,20 +120,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--s3-endpoint-url", help="S3-compatible endpoint for the checkpoint and the data"
     )
     return parser.parse_args(argv)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> Path:
