@@ -1,7 +1,7 @@
 """Faults injected for real into short training runs (real Ray, real DeepSpeed): a checkpoint
 missing its marker or one rank's file, Ctrl-C on the driver, and the S3 endpoint killed in
 the middle of a run. The first three work on a copy of one finished 4-step run, so the
-module trains that run once. (A worker killed with SIGKILL: tests/test_train.py.)"""
+module trains that run once. (A worker killed with SIGKILL: tests/train/test_train.py.)"""
 
 from __future__ import annotations
 

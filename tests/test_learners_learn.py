@@ -2,7 +2,7 @@
 
 Runs `benchmarks/accuracy.py --learners ...`, the comparison users run themselves: in-memory
 data and a plain PyTorch loop, so that the budget goes to the model. The distributed driver
-trains the same learners (tests/test_train.py); this checks that what it trains can learn.
+trains the same learners (tests/train/test_train.py); this checks that what it trains can learn.
 """
 
 import json

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster" / "aws.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 RUNTIME_ENV = REPO / "jobs" / "runtime_env.yaml"
-# Training jobs; jobs/sweep.yaml is a sweep config, loaded by tests/test_sweep_config.py.
+# Training jobs; jobs/sweep.yaml is a sweep config, loaded by tests/tune/test_sweep_config.py.
 SWEEP = REPO / "jobs" / "sweep.yaml"
 JOB_CONFIGS = sorted(set((REPO / "jobs").glob("*.yaml")) - {RUNTIME_ENV, SWEEP})
 # 123456789012.dkr.ecr.us-west-2.amazonaws.com/name:tag

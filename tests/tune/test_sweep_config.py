@@ -9,7 +9,7 @@ from ulm_dist.tune.config import load_sweep_config, sweep_config_from_dict
 from ulm_dist.tune.plot import plot_metric_against_parameters
 from ulm_dist.tune.sweep import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sweep(**fields):
@@ -74,7 +74,7 @@ def test_plot_has_one_panel_per_parameter():
     points = [({"train.lr": 1e-3, "model.num_landmarks": 4}, 0.5)]
     points.append(({"train.lr": 3e-3, "model.num_landmarks": 8}, 0.25))
     figure = plot_metric_against_parameters(points, list(config.space.values()), "loss", "min")
-    # Side by side, in the order of the sweep file (tests/test_tune_plot.py reads the points).
+    # Side by side, in the order of the sweep file (tests/tune/test_plot.py reads the points).
     assert [axes.get_title() for axes in figure.axes] == [
         "loss vs train.lr",
         "loss vs model.num_landmarks",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from test_store import UNREACHABLE_ENDPOINT, write_checkpoint
+from test_storage import UNREACHABLE_ENDPOINT, write_checkpoint
 
 from ulm_dist.config import load_config
 from ulm_dist.train.checkpoint import CheckpointStore
@@ -200,7 +200,7 @@ def test_a_complete_run_run_again_says_so(capsys, tmp_path):
 
 def test_the_demo_job_file_is_the_embedded_default():
     # The README's demo and `--config jobs/demo.yaml` must stay the same job.
-    demo_job = Path(__file__).parents[1] / "jobs" / "demo.yaml"
+    demo_job = Path(__file__).parents[2] / "jobs" / "demo.yaml"
     assert load_config(demo_job) == load_config()
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
-from test_store import write_checkpoint
+from test_storage import write_checkpoint
 
 from ulm_dist.config import load_config
 from ulm_dist.storage import StorageFolder

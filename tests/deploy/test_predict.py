@@ -23,7 +23,7 @@ from ulm_dist.models import build_learner
 
 SIZE, K, L = 16, 4, 3
 # The real faces where this checkout sits beside ../shared (see tests/data/test_faces68.py).
-FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "faces68-dev" / "img"
+FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces68-dev" / "img"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from ulm_dist.tune.sweep import main
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUM_TRIALS = 4
 STEPS = 6
 
