@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shard_contents import LOSSLESS
 
-from ulm_dist.data.build import WriteOptions, build_synthetic
-from ulm_dist.data.shards import Encoding
-
-LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
+from ulm_dist.data.build import build_synthetic
 
 
 @pytest.fixture(scope="session")

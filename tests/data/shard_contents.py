@@ -12,8 +12,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ulm_dist.data.benchmarks import collect_benchmark
+from ulm_dist.data.benchmarks.importer import BenchmarkImport, write_benchmark
+from ulm_dist.data.build import WriteOptions
 from ulm_dist.data.manifest import Manifest, read_manifest
+from ulm_dist.data.shards import Encoding
 from ulm_dist.storage import S3Options
+
+# PNG, so that the stored pixels are the fabricated ones and a marked pixel stays marked.
+LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
+
+
+def prepare_benchmark(name: str, source: Path, dest: Path, image_size: int) -> BenchmarkImport:
+    """What `python -m ulm_dist.data prepare NAME SOURCE DEST` does, at the tests' sizes."""
+    imported = collect_benchmark(name, source, image_size=image_size)
+    write_benchmark(imported, str(dest), image_size=image_size, shard_samples=4, write=LOSSLESS)
+    return imported
 
 
 @dataclass

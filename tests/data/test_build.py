@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet
 import pytest
+from shard_contents import LOSSLESS
 
 from ulm_dist.config import DataConfig
 from ulm_dist.data import (
@@ -20,11 +21,9 @@ from ulm_dist.data import (
 from ulm_dist.data.__main__ import main
 from ulm_dist.data.build import WriteOptions, build_from_folder, build_synthetic
 from ulm_dist.data.image_folder import read_landmark_table
-from ulm_dist.data.shards import Encoding
 from ulm_dist.storage import S3Options
 
 LOCAL = S3Options()
-LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 
 
 def _tar_members(path) -> dict[str, bytes]:

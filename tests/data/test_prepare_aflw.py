@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
-from shard_contents import bright_centre, mark_pixel, read_split
+from shard_contents import LOSSLESS, bright_centre, mark_pixel, prepare_benchmark, read_split
 
 from ulm_dist.data.benchmarks import collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.importer import write_benchmark
-from ulm_dist.data.build import WriteOptions
-from ulm_dist.data.shards import Encoding
 
-LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 TRAIN = [f"image{i:05d}.jpg" for i in range(9)]
 TEST = [f"image{i:05d}.jpg" for i in range(100, 103)]
 MISSING = TRAIN[3]
@@ -44,10 +41,7 @@ def write_aflw(root: Path) -> Path:
 
 def test_splits_and_points_follow_the_release(tmp_path):
     source = write_aflw(tmp_path / "aflw")
-    imported = collect_benchmark("aflw", source, image_size=16)
-    write_benchmark(
-        imported, str(tmp_path / "shards"), image_size=16, shard_samples=4, write=LOSSLESS
-    )
+    imported = prepare_benchmark("aflw", source, tmp_path / "shards", 16)
     _, train = read_split(tmp_path / "shards", "train")
     manifest, test = read_split(tmp_path / "shards", "test")
     _, val = read_split(tmp_path / "shards", "val")

@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_contents import bright_centre, mark_pixel, read_split
+from shard_contents import LOSSLESS, bright_centre, mark_pixel, prepare_benchmark, read_split
 
 from ulm_dist.config import load_config
 from ulm_dist.data.__main__ import main
 from ulm_dist.data.benchmarks import collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.importer import write_benchmark
-from ulm_dist.data.build import WriteOptions
-from ulm_dist.data.shards import Encoding
 from ulm_dist.deploy.trained import TrainedModel
 from ulm_dist.evaluate import command
 from ulm_dist.models import build_learner
 
-LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 NAMES = [f"{i:06d}.jpg" for i in range(1, 13)]
 PARTITION = {**{n: 0 for n in NAMES[:8]}, NAMES[8]: 1, NAMES[9]: 1, NAMES[10]: 2, NAMES[11]: 2}
 MAFL_TRAIN = NAMES[2:10]  # 000003 .. 000010
@@ -67,8 +64,7 @@ def write_celeba(root: Path) -> Path:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("celeba")
     source = write_celeba(root / "celeba")
-    imported = collect_benchmark("celeba-mafl", source, image_size=16)
-    write_benchmark(imported, str(root / "shards"), image_size=16, shard_samples=4, write=LOSSLESS)
+    imported = prepare_benchmark("celeba-mafl", source, root / "shards", 16)
     return root / "shards", imported
 
 

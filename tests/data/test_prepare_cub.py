@@ -9,21 +9,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_contents import bright_centre, mark_pixel, read_split
+from shard_contents import LOSSLESS, bright_centre, mark_pixel, prepare_benchmark, read_split
 
 from ulm_dist.config import DataConfig, load_config
 from ulm_dist.data import resolve_shards
 from ulm_dist.data.benchmarks import collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.importer import write_benchmark
-from ulm_dist.data.build import WriteOptions
-from ulm_dist.data.shards import Encoding
 from ulm_dist.deploy.trained import TrainedModel
 from ulm_dist.evaluate import command
 from ulm_dist.evaluate.periodic import load_validation_set
 from ulm_dist.models import build_learner
 
-LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 PARTS = (
     "back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg",
     "left wing", "nape", "right eye", "right leg", "right wing", "tail", "throat",
@@ -75,8 +72,7 @@ def write_cub(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("cub")
-    imported = collect_benchmark("cub", write_cub(root / "CUB_200_2011"), image_size=16)
-    write_benchmark(imported, str(root / "shards"), image_size=16, shard_samples=4, write=LOSSLESS)
+    imported = prepare_benchmark("cub", write_cub(root / "CUB_200_2011"), root / "shards", 16)
     return root / "shards", imported
 
 

@@ -10,22 +10,18 @@ import pytest
 import scipy.io
 import torch
 from PIL import Image
-from shard_contents import read_split
+from shard_contents import prepare_benchmark, read_split
 
 from ulm_dist.config import DataConfig, load_config
 from ulm_dist.data import resolve_shards
 from ulm_dist.data.benchmarks import ImportOptions, collect_benchmark
 from ulm_dist.data.benchmarks.annotation_files import AnnotationError
 from ulm_dist.data.benchmarks.h36m import EVALUATED_JOINTS
-from ulm_dist.data.benchmarks.importer import write_benchmark
-from ulm_dist.data.build import WriteOptions
-from ulm_dist.data.shards import Encoding
 from ulm_dist.deploy.trained import TrainedModel
 from ulm_dist.evaluate import command
 from ulm_dist.evaluate.periodic import load_validation_set
 from ulm_dist.models import build_learner
 
-LOSSLESS = WriteOptions(encoding=Encoding("png"), progress=False)
 # Subject -> sequence folders -> frames. WalkDog is not one of the six activities; S5-S8
 # have their folders but no sequence, to keep the copy small.
 SEQUENCES = {
@@ -66,8 +62,7 @@ def write_h36m(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("h36m")
-    imported = collect_benchmark("h36m", write_h36m(root / "h36m"), image_size=16)
-    write_benchmark(imported, str(root / "shards"), image_size=16, shard_samples=4, write=LOSSLESS)
+    imported = prepare_benchmark("h36m", write_h36m(root / "h36m"), root / "shards", 16)
     return root / "shards", imported
 
 
