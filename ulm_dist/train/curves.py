@@ -14,7 +14,6 @@ and the mean-shape baseline it should beat, % of the normaliser).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from matplotlib.figure import Figure
 
 from ulm_dist.config import TrainConfig
 from ulm_dist.evaluate.regression import MEAN_SHAPE_ERROR, VAL_LANDMARK_ERROR, VAL_PREFIX
-from ulm_dist.train.metrics_log import METRICS_NAME
+from ulm_dist.train.metrics_log import METRICS_NAME, read_metrics
 
 CURVES_NAME = "training_curves.png"
 LOSS_PREFIX = "loss/"
@@ -84,10 +83,6 @@ def series(records: Sequence[dict[str, Any]], name: str) -> tuple[list[int], lis
     return [record["step"] for record in kept], [float(record[name]) for record in kept]
 
 
-def read_records(metrics_file: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-
-
 def write_run_curves(train: TrainConfig, out: Path, mark_step: int | None = None) -> Path | None:
     """The figure of the run `train` configures, from its metrics.jsonl in train.log_dir on
     this machine (as the driver resolved it, from the working folder), at `out`."""
@@ -100,8 +95,7 @@ def write_training_curves(
 ) -> Path | None:
     """The figure of `<log_folder>/metrics.jsonl`, as a PNG at `out` (default: beside it);
     None when the run has no records there."""
-    metrics_file = log_folder / METRICS_NAME
-    records = read_records(metrics_file) if metrics_file.is_file() else []
+    records = read_metrics(log_folder / METRICS_NAME)
     if not records:
         return None
     out = out or log_folder / CURVES_NAME

@@ -51,8 +51,8 @@ from ulm_dist.train.checkpoint import (
     picture_tag,
     resume_checkpoint,
 )
-from ulm_dist.train.curves import read_records, write_training_curves
-from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line
+from ulm_dist.train.curves import write_training_curves
+from ulm_dist.train.metrics_log import TENSORBOARD_NAME, MetricsLog, progress_line, read_metrics
 from ulm_dist.train.preflight import (
     check_perceptual_weights,
     choose_device,
@@ -206,7 +206,7 @@ def train(
         final = store.uri(latest.path) if latest else "none"
         curves = write_training_curves(log_folder)
         # Read back: the reporter appended the records in Ray Train's controller, not here.
-        records = read_records(metrics_log.path) if metrics_log.path.is_file() else []
+        records = read_metrics(metrics_log.path)
         summary = write_summary(log_folder, cfg, run_uri, final, records)
         if tracker is not None:
             track_outputs(

@@ -27,14 +27,19 @@ METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_NAME = "tensorboard"
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, one per report; none if there is no such file."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLog:
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / METRICS_NAME
-        self.records: list[dict[str, Any]] = []
-        if self.path.is_file():
-            self.records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        self.records = read_metrics(self.path)
         self._writer = None  # opened at the first record: it must know where to purge from
 
     def append(self, record: dict[str, Any]) -> bool:
