@@ -22,7 +22,7 @@ def test_validation_reports_the_protocol_on_the_val_split(tmp_path, tiny_model_o
     shards = prepare_shards(cfg.data, "synthetic", "val", image_size=size)
     val = load_validation_set(cfg.data, shards, size, samples=20)
     assert val.images.shape == (20, 3, size, size)
-    assert val.eyes == ((0,), (1,))  # the synthetic layout's eyes
+    assert val.normalisation.eyes == ((0,), (1,))  # the synthetic layout's eyes
 
     torch.manual_seed(0)
     learner = build_learner(cfg.model, cfg.loss)

@@ -25,7 +25,6 @@ from ulm_dist.data import ShardSet
 from ulm_dist.evaluate.annotated import annotated_batches, detect
 from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
 from ulm_dist.evaluate.protocols import (
-    Eyes,
     Normalisation,
     choose_normalisation,
     flip_permutation_for,
@@ -47,11 +46,6 @@ class ValidationSet:
     # The protocol's left-right permutation and each image's group (Human3.6M), or None.
     flip_permutation: tuple[int, ...] | None = None
     groups: list[str] | None = None
-
-    @property
-    def eyes(self) -> Eyes | None:
-        """The eye indices for the inter-ocular distance, when that is the normaliser."""
-        return self.normalisation.eyes
 
 
 def load_validation_set(
