@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -226,6 +227,7 @@ class EpochLoader:
             batch_size=None,
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=_worker_context() if num_workers else None,
         )
         self._epoch = 0
         consumers = stream.world_size * max(1, num_workers)
@@ -246,6 +248,21 @@ class EpochLoader:
         if self.batches_per_epoch is None:
             return batches
         return itertools.islice(batches, self.batches_per_epoch)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: from a fork server, not by forking the caller.
+
+    A Ray Train worker runs gRPC, gloo and Ray's own threads; a child forked from it can
+    inherit a lock that one of them held, and hang on its first batch while the other ranks
+    wait in a collective (Ray's data-loading guide gives the same advice). The server forks
+    from a clean process with torch and this module already imported, so a loader that is
+    rebuilt after every checkpoint starts its workers in milliseconds, not seconds."""
+    context = multiprocessing.get_context("forkserver")
+    # Only the server's first start reads the list; by default it would import the caller's
+    # __main__, which in a Ray worker is Ray's own worker script.
+    context.set_forkserver_preload(["torch", __name__])
+    return context
 
 
 def _as_shard_set(urls: ShardSet | Sequence[str]) -> ShardSet:
