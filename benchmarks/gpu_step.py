@@ -44,7 +44,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
-from ulm_dist.train.engine import build_engine, convolutions_in_channels_last, deepspeed_config
+from ulm_dist.train.engine import (
+    build_engine,
+    convolutions_in_channels_last,
+    deepspeed_config,
+    skip_shared_memory_all_reduce,
+)
 from ulm_dist.train.meters import DeepSpeedCollectives, collective_bytes
 
 # The local S3 server (and its free-port helper) is test tooling in tests/; benchmarks run
@@ -209,6 +214,7 @@ def deepspeed_loop(
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    skip_shared_memory_all_reduce()
     deepspeed.init_distributed(verbose=False)
     train = dataclasses.replace(cfg.train, zero_stage=zero, batch_size=len(pair[0]))
     torch._dynamo.reset()  # as in `plain_loop`: each row compiles its own graphs

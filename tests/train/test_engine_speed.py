@@ -18,7 +18,12 @@ from torch import nn
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
 from ulm_dist.train.checkpoint import TrainState, restore_checkpoint, write_checkpoint
-from ulm_dist.train.engine import build_engine, convolutions_in_channels_last, deepspeed_config
+from ulm_dist.train.engine import (
+    build_engine,
+    convolutions_in_channels_last,
+    deepspeed_config,
+    skip_shared_memory_all_reduce,
+)
 
 TINY = [
     "model.image_size=16",
@@ -45,6 +50,7 @@ def one_worker():
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0"
     )
     os.environ["WORLD_SIZE"] = "1"
+    skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     yield
     dist.destroy_process_group()

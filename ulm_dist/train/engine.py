@@ -104,6 +104,7 @@ def build_engine(
     # DeepSpeed probes for an accelerator (and warns on CPU-only machines).
     import deepspeed
 
+    skip_shared_memory_all_reduce()
     if channels_last:
         convolutions_in_channels_last(learner)
     trainable = [parameter for parameter in learner.parameters() if parameter.requires_grad]
@@ -118,6 +119,21 @@ def build_engine(
             )
         engine.compile(backend=compile_backend)
     return engine
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce when it starts.
+
+    On CPU, DeepSpeed's communication backend builds that C++ op (g++, 35 s on 2 cores, once
+    per machine and again whenever the virtualenv's path changes) before anything trains,
+    and a machine without a working C++ compiler fails right there. The op serves only
+    `inference_all_reduce` (tensor-parallel inference), and only with `LOCAL_SIZE` set;
+    training's collectives go through torch.distributed either way. Marking it incompatible
+    is what DeepSpeed does itself on platforms where it cannot be built. Call it before
+    DeepSpeed starts its backend (`build_engine` does)."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def convolutions_in_channels_last(learner: nn.Module) -> None:
