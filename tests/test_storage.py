@@ -103,7 +103,10 @@ def test_unwritable_local_storage_is_refused_with_the_reason(tmp_path):
 
 @pytest.mark.usefixtures("s3_server")
 def test_unreachable_s3_endpoint_is_refused_quickly():
-    store = CheckpointStore("s3://bucket/runs", "run", S3Options(UNREACHABLE_ENDPOINT))
+    # Two attempts: the default five spend 15 s in back-off here.
+    store = CheckpointStore(
+        "s3://bucket/runs", "run", S3Options(UNREACHABLE_ENDPOINT, max_attempts=2)
+    )
     with pytest.raises(StorageError, match=r"cannot write to s3://bucket/runs/run: .*connect"):
         store.check_writable()
 

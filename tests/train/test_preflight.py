@@ -78,6 +78,7 @@ def test_unreachable_s3_storage_is_refused(capsys, tmp_path, s3_server):
         [
             "train.storage=s3://bucket/runs",
             f"data.s3_endpoint_url={UNREACHABLE_ENDPOINT}",
+            "data.s3_max_attempts=2",  # the default five spend 15 s in back-off
             f"train.log_dir={tmp_path}",
         ],
     )

@@ -1,4 +1,4 @@
-"""End to end through `python -m ulm_dist.tune`: 4 tiny trials with ASHA on a real local Ray
+"""End to end through `python -m ulm_dist.tune`: 3 tiny trials with ASHA on a real local Ray
 cluster, each a real training run (1 CPU worker, DeepSpeed). The sweep's driver is killed
 (SIGINT, as Ctrl+C) once the first trial is done, then the same command continues it: the
 finished trial is not run again, and the whole sweep ends with a table, a plot, a best trial
@@ -28,7 +28,7 @@ from ulm_dist.tune.sweep import main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_TRIALS = 4
+NUM_TRIALS = 3
 STEPS = 6
 
 
