@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from local_ray import DASHBOARD, VENV_BIN, LoopbackCluster, loopback_cluster
 
-from ulm_dist.train.checkpoint import CheckpointStore
 from ulm_dist.train.metrics_log import METRICS_NAME
 
 pytestmark = pytest.mark.slow
