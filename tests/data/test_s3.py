@@ -1,5 +1,8 @@
 """Shards on a real S3 server (moto_server on 127.0.0.1, see tests/conftest.py)."""
 
+import subprocess
+import sys
+
 import boto3
 import numpy as np
 import pytest
@@ -167,3 +170,40 @@ def test_large_files_upload_in_parts(s3_server, s3_bucket, tmp_path):
     head = boto3.client("s3", endpoint_url=s3_server).head_object(Bucket=bucket, Key=key)
     assert head["ETag"].strip('"').endswith("-3")  # S3's ETag of a 3-part multipart upload
     assert storage.read_object(url, S3Options(s3_server)) == payload
+
+
+LOADS_ONCE_CREDENTIALS_ARRIVE = """
+import os, sys
+from ulm_dist.config import DataConfig
+from ulm_dist.data import make_annotated_loader, resolve_shards
+
+local, remote, endpoint = sys.argv[1:]
+data = DataConfig(s3_endpoint_url=endpoint, num_workers=1)
+names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+credentials = {name: os.environ.pop(name) for name in names}
+# A first loader starts its workers while there are no credentials...
+list(make_annotated_loader(data, resolve_shards(data, local, "train", image_size=16), 16, 8))
+# ... which arrive before the second one starts.
+os.environ.update(credentials)
+shards = resolve_shards(data, remote, "train", image_size=16)
+print("read", sum(len(batch["key"]) for batch in make_annotated_loader(data, shards, 16, 8)))
+"""
+
+
+def test_loader_workers_read_with_the_credentials_set_when_the_loader_starts(
+    s3_server, s3_bucket, tmp_path
+):
+    """Loader workers start from a fork server, which holds the environment of its own start:
+    they must still see what the process has set since (here, the S3 credentials)."""
+    remote = f"{s3_bucket}/sets/later"
+    for dest, endpoint in ((str(tmp_path), []), (remote, ["--endpoint-url", s3_server])):
+        argv = ["synth", dest, "--n", "8", "--size", "16", "--workers", "1", "--no-progress"]
+        assert main([*argv, *endpoint]) == 0
+    result = subprocess.run(
+        [sys.executable, "-c", LOADS_ONCE_CREDENTIALS_ARRIVE, str(tmp_path), remote, s3_server],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["read", "8"]

@@ -14,10 +14,12 @@ Two ways to cut the data into epochs:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import multiprocessing
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -244,6 +246,9 @@ class EpochLoader:
         # Workers copy the stream when the iterator starts, so the epoch is set before that.
         self.stream.epoch = self._epoch
         self._epoch += 1
+        # Forked workers would see the environment as it is now (credentials, endpoints);
+        # the fork server's see it as it was when the server started, unless handed it.
+        self._loader.worker_init_fn = functools.partial(_adopt_environment, dict(os.environ))
         batches = iter(self._loader)
         if self.batches_per_epoch is None:
             return batches
@@ -265,6 +270,12 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     # __main__, which in a Ray worker is Ray's own worker script.
     context.set_forkserver_preload(["torch", __name__])
     return context
+
+
+def _adopt_environment(environment: dict[str, str], _worker_id: int) -> None:
+    """A loader worker's first act: take on the environment its loader started in."""
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def _as_shard_set(urls: ShardSet | Sequence[str]) -> ShardSet:
