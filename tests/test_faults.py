@@ -1,7 +1,9 @@
 """Faults injected for real into short training runs (real Ray, real DeepSpeed): a checkpoint
 missing its marker or one rank's file, Ctrl-C on the driver, and the S3 endpoint killed in
 the middle of a run. The first three work on a copy of one finished 4-step run, so the
-module trains that run once. (A worker killed with SIGKILL: tests/train/test_train.py.)"""
+module trains that run once; it is the part-based learner's (Lorenz et al.) run through the
+driver, so that its resumption is tested too (tests/train/test_train.py trains imm, and the
+cycle model everywhere else). (A worker killed with SIGKILL: tests/train/test_train.py.)"""
 
 from __future__ import annotations
 
@@ -60,9 +62,11 @@ def run_args(common_args: list[str], storage: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished_run(run_args: list[str]) -> list[str]:
-    """Trains BASE_RUN to step 4 (checkpoints 2 and 4) once for the module."""
-    assert main([*run_args, f"train.run_name={BASE_RUN}", "train.steps=4"]) == 0
-    return run_args
+    """Trains BASE_RUN, the part learner, to step 4 (checkpoints 2 and 4) once for the
+    module; returns the arguments that continue it."""
+    part = [*run_args, "model.name=part", "data.pairs=warped"]
+    assert main([*part, f"train.run_name={BASE_RUN}", "train.steps=4"]) == 0
+    return part
 
 
 def copy_of_finished_run(storage: Path, log_dir: Path, name: str) -> CheckpointStore:

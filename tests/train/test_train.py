@@ -227,21 +227,13 @@ def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp
         assert steps == ([3, 6] if run_name == "interrupted" else [6])
 
 
-@pytest.mark.parametrize(
-    ("learner_name", "tracked"),
-    # One of them tracked in MLflow: the second run would only add its cost.
-    [pytest.param("imm", True, id="imm-tracked-in-mlflow"), pytest.param("part", False, id="part")],
-)
-def test_the_other_learners_train_through_the_same_driver(
-    learner_name, tracked, common_args, log_dir, tmp_path, request
+def test_the_imm_learner_trains_through_the_same_driver_tracked_in_mlflow(
+    common_args, log_dir, tmp_path, mlflow_store
 ):
+    """The conditional-generation baseline (Jakab et al.) through the driver at ZeRO-3, with
+    the run in MLflow. The part learner's run through the driver is tests/test_faults.py's."""
+    learner_name = "imm"
     run_name = f"learner_{learner_name}"
-    mlflow_store = request.getfixturevalue("mlflow_store") if tracked else None
-    tracking = [
-        "train.tracking=mlflow",
-        f"train.tracking_uri={mlflow_store}",
-        "train.tracking_experiment=learners",
-    ]
     args = [
         *common_args,
         f"model.name={learner_name}",
@@ -253,7 +245,9 @@ def test_the_other_learners_train_through_the_same_driver(
         "train.log_every=2",
         "train.checkpoint_every=4",
         "train.eval_every=4",
-        *(tracking if tracked else []),
+        "train.tracking=mlflow",
+        f"train.tracking_uri={mlflow_store}",
+        "train.tracking_experiment=learners",
     ]
     assert main(args) == 0
 
@@ -269,8 +263,7 @@ def test_the_other_learners_train_through_the_same_driver(
     learner = build_learner(cfg.model, cfg.loss)
     learner.load_state_dict(final_weights(CheckpointStore(cfg.train.storage, run_name), tmp_path))
     assert learner.landmarks(torch.rand(2, 3, 16, 16)).shape == (2, 4, 2)
-    if tracked:
-        check_the_mlflow_run(mlflow_store, run_name, learner_name, records)
+    check_the_mlflow_run(mlflow_store, run_name, learner_name, records)
 
 
 def check_the_mlflow_run(store: str, run_name: str, learner_name: str, records: list[dict]):
