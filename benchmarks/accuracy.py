@@ -1,5 +1,6 @@
 """Accuracy after a fixed budget: train a learner on an in-memory data set in a plain PyTorch
-loop, then run the landmark-regression protocol and print the error beside the mean-shape
+loop (with the driver's learning-rate warm-up and schedule), then run the landmark-regression
+protocol and print the error beside the mean-shape
 baseline. Not a test: it prints numbers (and writes JSON and PNG sheets to --out).
 
     .venv/bin/python benchmarks/accuracy.py --data synthetic --steps 2000 [key=value ...]
@@ -18,6 +19,7 @@ scores the MAFL 5-point protocol; `synthetic` generates the built-in set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ulm_dist.config import load_config
+from ulm_dist.config import TrainConfig, load_config
 from ulm_dist.data import synthetic
 from ulm_dist.data.augment import AugmentOptions, View, warped_view
 from ulm_dist.data.image_folder import folder_items, load_items, read_landmark_table, split_items
@@ -37,6 +39,7 @@ from ulm_dist.evaluate.regression import (
 )
 from ulm_dist.models import build_learner
 from ulm_dist.models.landmarks import to_pixels
+from ulm_dist.train.engine import lr_scheduler
 
 FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces68-dev"
 
@@ -178,6 +181,16 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def learning_rate_schedule(train: TrainConfig, steps: int, optimizer: torch.optim.Optimizer):
+    """The driver's warm-up and decay (`train.warmup_steps`, `train.lr_schedule`) for a run of
+    `steps` (--steps, also with --minutes), through DeepSpeed's own scheduler classes, so
+    that a setting measured here trains the same way through `ulm_dist.train`."""
+    from deepspeed.runtime import lr_schedules
+
+    section = lr_scheduler(dataclasses.replace(train, steps=steps))
+    return getattr(lr_schedules, section["type"])(optimizer, **section["params"])
+
+
 def load_splits(args, size: int) -> tuple[Split, Split, LandmarkLayout]:
     """The fit and test splits of `--data` at `size` px, on `--device`, and their layout."""
     if args.data == "synthetic":
@@ -195,6 +208,7 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
     learner = build_learner(cfg.model, cfg.loss).to(device)
     trainable = [p for p in learner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    schedule = learning_rate_schedule(cfg.train, args.steps, optimizer)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     # data.pairs=warped (conditional generation): the pair is an image and its warp, made on
@@ -216,6 +230,7 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
             optimizer.step()
+            schedule.step()
             step += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
