@@ -1,7 +1,7 @@
 """Accuracy after a fixed budget: train a learner on an in-memory data set in a plain PyTorch
 loop (with the driver's learning-rate warm-up and schedule), then run the landmark-regression
-protocol and print the error beside the mean-shape
-baseline. Not a test: it prints numbers (and writes JSON and PNG sheets to --out).
+protocol and print the error beside the mean-shape baseline. Not a test: it prints numbers
+(and writes JSON and PNG sheets to --out).
 
     .venv/bin/python benchmarks/accuracy.py --data synthetic --steps 2000 [key=value ...]
     .venv/bin/python benchmarks/accuracy.py --learners cycle imm part --steps 300 \
