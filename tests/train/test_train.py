@@ -198,33 +198,30 @@ def test_zero3_resumed_runs_match_an_uninterrupted_one(common_args, log_dir, tmp
         f"train.storage={storage}",
         "train.zero_stage=3",
         "train.steps=6",
-        "train.log_every=3",
-        "train.checkpoint_every=3",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=3",
     ]
     assert main([*base, "train.run_name=straight"]) == 0
-
-    # Killed after its checkpoint at step 3 with no restarts allowed: the run fails...
-    interrupted = [*base, "train.run_name=interrupted", "debug.fail_at_step=3", "--resume=auto"]
-    assert main([*interrupted, "train.max_failures=0"]) == 1
-    # ... and the same command again continues it from that checkpoint to step 6.
-    assert main(interrupted) == 0
-
-    # A new run started from the uninterrupted run's checkpoint at step 3.
     straight_store = CheckpointStore(str(storage), "straight")
-    step3 = straight_store.uri(straight_store.checkpoints()[0].path)
-    assert step3.endswith("checkpoint_00000003")
-    assert main([*base, "train.run_name=branched", f"--resume={step3}"]) == 0
+    step2 = straight_store.uri(straight_store.checkpoints()[0].path)
+    assert step2.endswith("checkpoint_00000002")
+
+    # A new run started from the uninterrupted run's checkpoint at step 2 (--resume=<it>), killed
+    # after its own checkpoint at step 4 with no restarts allowed: the run fails...
+    branched = [*base, "train.run_name=branched", f"--resume={step2}", "debug.fail_at_step=4"]
+    assert main([*branched, "train.max_failures=0"]) == 1
+    # ... and the same command again continues it from its own checkpoint at step 4 to step 6.
+    assert main(branched) == 0
 
     expected = final_weights(straight_store, tmp_path)
-    for run_name in ("interrupted", "branched"):
-        store = CheckpointStore(str(storage), run_name)
-        assert store.latest().step == 6
-        weights = final_weights(store, tmp_path / run_name)
-        assert weights.keys() == expected.keys()
-        for name, value in weights.items():
-            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
-        steps = [record["step"] for record in metric_records(log_dir, run_name)]
-        assert steps == ([3, 6] if run_name == "interrupted" else [6])
+    store = CheckpointStore(str(storage), "branched")
+    assert store.latest().step == 6
+    weights = final_weights(store, tmp_path / "branched")
+    assert weights.keys() == expected.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert [record["step"] for record in metric_records(log_dir, "branched")] == [4, 6]
 
 
 def test_the_imm_learner_trains_through_the_same_driver_tracked_in_mlflow(
