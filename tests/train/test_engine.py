@@ -101,15 +101,11 @@ def test_fp16_on_cpu_is_refused():
 
 
 TRAINS_ONE_STEP = """
-import os, torch, torch.distributed as dist
+import sys, torch, torch.distributed as dist
 from ulm_dist.config import load_config
 from ulm_dist.models import build_learner
 from ulm_dist.train.engine import build_engine, deepspeed_config
-cfg = load_config(None, [
-    "model.image_size=16", "model.channels=[8,16]", "model.flow_channels=8",
-    "model.appearance_dim=8", "model.num_landmarks=4", "loss.perceptual_layers=[pixels]",
-    "train.batch_size=2", "train.num_workers=1",
-])
+cfg = load_config(None, [*sys.argv[1:], "train.batch_size=2", "train.num_workers=1"])
 dist.init_process_group("gloo")  # as Ray Train starts each worker's process group
 engine = build_engine(build_learner(cfg.model, cfg.loss), deepspeed_config(cfg.train, 1, "fp32"))
 losses = engine(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16))
@@ -119,7 +115,7 @@ print("trained", float(losses["total"]))
 """
 
 
-def test_training_on_cpu_needs_no_cpp_compiler(tmp_path):
+def test_training_on_cpu_needs_no_cpp_compiler(tmp_path, tiny_model_overrides):
     """DeepSpeed's CPU backend would compile a C++ op at start-up; the engine keeps it from
     doing so (`skip_shared_memory_all_reduce`), so a machine without a compiler trains."""
     env = {
@@ -133,7 +129,10 @@ def test_training_on_cpu_needs_no_cpp_compiler(tmp_path):
         "WORLD_SIZE": "1",
     }
     result = subprocess.run(
-        [sys.executable, "-c", TRAINS_ONE_STEP], env=env, capture_output=True, text=True
+        [sys.executable, "-c", TRAINS_ONE_STEP, *tiny_model_overrides],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained" in result.stdout
