@@ -134,6 +134,13 @@ def main() -> None:
         help="train each of these with the same budget, then print one comparison table "
         "(the overrides apply to all)",
     )
+    parser.add_argument(
+        "--supervised",
+        action="store_true",
+        help="train the pose encoder on the annotated landmarks instead of the learner's "
+        "loss: what this detector could reach at this size, the ceiling of the protocol "
+        "(needs model.num_landmarks equal to the annotated points)",
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, help="stop after this much training time")
     parser.add_argument("--eval-every", type=int, default=500)
@@ -225,7 +232,10 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
             image_i = fit.batch(i)
             image_j = warped(image_i, warps, rng) if warps else fit.batch(j)
             with autocast:
-                losses = learner(image_i, image_j)
+                if args.supervised:
+                    losses = supervised_losses(learner, image_i, fit.landmarks[i.cpu()], size)
+                else:
+                    losses = learner(image_i, image_j)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
@@ -251,6 +261,19 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
     return write_results(
         args, cfg, out, learner, fit, test, report, fit_points, test_points, history
     )
+
+
+def supervised_losses(learner, images: torch.Tensor, annotated: torch.Tensor, size: int):
+    """{"total": mean squared distance}, in normalised units, from the pose encoder's points
+    to the annotated ones (pixels, (B, K, 2)): `--supervised`, the detector's ceiling."""
+    points = learner.model.pose_encoder(images).points
+    target = annotated.to(points.device) * 2 / size - 1
+    if target.shape != points.shape:
+        raise SystemExit(
+            f"--supervised: the detector finds {points.shape[1]} points, the data annotate "
+            f"{target.shape[1]}; set model.num_landmarks={target.shape[1]}"
+        )
+    return {"total": ((points.float() - target) ** 2).sum(-1).mean()}
 
 
 def write_results(

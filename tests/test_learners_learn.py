@@ -39,3 +39,21 @@ def test_every_learner_learns_the_synthetic_landmarks(tmp_path):
         # distance; with the default losses every learner reaches about half of that
         # (BENCHMARKS.md).
         assert row["landmark_error"] < 0.6 * row["mean_shape_error"], (name, row)
+
+
+def test_the_supervised_ceiling_trains_the_detector_on_the_annotated_points(tmp_path):
+    # `--supervised` is the yardstick for the learners: the same detector, fitted to the
+    # answers. It must learn from them as the learners do from images, or it bounds nothing.
+    command = [
+        sys.executable,
+        str(ACCURACY),
+        "--supervised",
+        "--steps=150",
+        "--eval-every=150",
+        "--train-samples=1500",
+        "--threads=2",
+        f"--out={tmp_path}",
+    ]
+    subprocess.run(command, check=True, timeout=600)
+    summary = json.loads((tmp_path / "accuracy.json").read_text())
+    assert summary["landmark_error"] < 0.6 * summary["mean_shape_error"], summary

@@ -59,6 +59,11 @@ class ModelConfig:
         "normalisation in every conv block: batch (Jakab et al., Lorenz et al.; keeps each "
         "image's contrast) or group (per image, batch-independent; see models/networks.py)",
     )
+    decoder_coordinates: bool = option(
+        False,
+        "give the decoder each pixel's (x, y) at every scale, so that it can paint what "
+        "depends on position but not on pose (a background's gradient) without landmarks",
+    )
     flow_channels: int = option(32, "feature width used by the cross-image flow module", min=1)
     flow_kernel: int = option(3, "side of each 2D kernel of the factorised 4D convolution", min=1)
     flow_temperature: float = option(

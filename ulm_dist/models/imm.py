@@ -41,13 +41,7 @@ class ConditionalGenerationModel(nn.Module):
             config.channels, config.num_landmarks, flow_channels=0, norm=config.norm
         )
         self.appearance_encoder = Encoder(config.channels, config.norm)
-        self.decoder = HeatmapDecoder(
-            config.channels,
-            config.num_landmarks,
-            config.channels[-1],
-            config.heatmap_std,
-            config.norm,
-        )
+        self.decoder = HeatmapDecoder(config, config.channels[-1])
 
     def landmarks(self, images: torch.Tensor) -> torch.Tensor:
         return self.pose_encoder(images).points
