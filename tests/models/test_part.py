@@ -88,28 +88,3 @@ def test_the_evaluation_draws_the_part_swap_in_a_generation_sheet():
     images, points = blobs(4, seed=9), torch.rand(4, 5, 2) * 32
     sheets = evaluation_sheets(model, images, points, points, points)
     assert set(sheets) == {"regression_sheet", "generation_sheet"}
-
-
-def _centre_error_after_painting_a_gradient(decoder_coordinates: bool) -> float:
-    """Fits the decoder alone to a left-to-right ramp from constant codes, with every landmark
-    far outside the image, and returns its mean error on the central 8x8 pixels: there
-    neither a landmark nor the zero padding is within the decoder's receptive field."""
-    model = small_learner(f"model.decoder_coordinates={decoder_coordinates}").model
-    ramp = ((2 * torch.arange(32) + 1) / 64).view(1, 1, 1, 32).expand(2, 3, 32, 32)
-    codes, far = torch.ones(2, 11, 16), torch.full((2, 10, 2), 9.0)
-    optimiser = torch.optim.Adam(model.decoder.parameters(), lr=2e-3)
-    for _ in range(60):
-        loss = (model.decode(codes, far) - ramp).abs().mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        return (model.decode(codes, far) - ramp)[..., 12:20, 12:20].abs().mean().item()
-
-
-def test_with_coordinates_the_decoder_paints_by_position_without_landmarks():
-    # A background's gradient depends on where a pixel is, not on the pose; without the
-    # coordinates only landmarks could say where, and they drifted off the object to do it.
-    with_coordinates = _centre_error_after_painting_a_gradient(True)
-    without = _centre_error_after_painting_a_gradient(False)
-    assert with_coordinates < 0.5 * without, (with_coordinates, without)

@@ -41,7 +41,13 @@ class ConditionalGenerationModel(nn.Module):
             config.channels, config.num_landmarks, flow_channels=0, norm=config.norm
         )
         self.appearance_encoder = Encoder(config.channels, config.norm)
-        self.decoder = HeatmapDecoder(config, config.channels[-1])
+        self.decoder = HeatmapDecoder(
+            config.channels,
+            config.num_landmarks,
+            config.channels[-1],
+            config.heatmap_std,
+            config.norm,
+        )
 
     def landmarks(self, images: torch.Tensor) -> torch.Tensor:
         return self.pose_encoder(images).points

@@ -19,11 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ulm_dist.config import ModelConfig
-from ulm_dist.models.landmarks import (
-    pixel_centres,
-    render_gaussian_heatmaps,
-    spatial_softmax_with_spread,
-)
+from ulm_dist.models.landmarks import render_gaussian_heatmaps, spatial_softmax_with_spread
 
 Norm = Literal["batch", "group"]
 
@@ -155,17 +151,16 @@ class HeatmapDecoder(nn.Module):
     image's feature map for conditional generation.
     """
 
-    def __init__(self, config: ModelConfig, in_channels: int):
+    def __init__(
+        self, channels: list[int], num_landmarks: int, in_channels: int, std: float, norm: Norm
+    ):
         super().__init__()
-        self.std = config.heatmap_std
-        self.coordinates = config.decoder_coordinates
-        guides = config.num_landmarks + (2 if self.coordinates else 0)
-        widths = list(reversed(config.channels))
-        self.stem = conv_block(in_channels + guides, widths[0], config.norm)
+        self.std = std
+        widths = list(reversed(channels))
+        self.stem = conv_block(in_channels + num_landmarks, widths[0], norm)
         self.stages = nn.ModuleList(
             nn.Sequential(
-                conv_block(wide + guides, narrow, config.norm),
-                conv_block(narrow, narrow, config.norm),
+                conv_block(wide + num_landmarks, narrow, norm), conv_block(narrow, narrow, norm)
             )
             for wide, narrow in itertools.pairwise(widths)
         )
@@ -173,21 +168,13 @@ class HeatmapDecoder(nn.Module):
 
     def forward(self, features: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """features (B, C, s, s), landmarks (B, K, 2); returns images (B, 3, s * 2^n, ...)."""
-        x = self.stem(torch.cat([features, self.guides(landmarks, features.shape[-1])], dim=1))
+        heatmaps = render_gaussian_heatmaps(landmarks, features.shape[-1], self.std)
+        x = self.stem(torch.cat([features, heatmaps], dim=1))
         for stage in self.stages:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-            x = stage(torch.cat([x, self.guides(landmarks, x.shape[-1])], dim=1))
+            heatmaps = render_gaussian_heatmaps(landmarks, x.shape[-1], self.std)
+            x = stage(torch.cat([x, heatmaps], dim=1))
         return torch.sigmoid(self.to_rgb(x))
-
-    def guides(self, landmarks: torch.Tensor, size: int) -> torch.Tensor:
-        """What tells each scale where things are: the landmarks' Gaussian maps, and with
-        `model.decoder_coordinates` the (x, y) of every pixel, (B, K [+ 2], size, size)."""
-        heatmaps = render_gaussian_heatmaps(landmarks, size, self.std)
-        if not self.coordinates:
-            return heatmaps
-        grid = pixel_centres(size, device=landmarks.device, dtype=heatmaps.dtype)
-        xy = torch.stack([grid.expand(size, size), grid[:, None].expand(size, size)])
-        return torch.cat([heatmaps, xy.expand(len(landmarks), -1, -1, -1)], dim=1)
 
 
 class PartAutoencoder(nn.Module):
@@ -206,7 +193,13 @@ class PartAutoencoder(nn.Module):
         self.appearance_encoder = AppearanceEncoder(
             config.channels, config.appearance_dim, config.norm
         )
-        self.decoder = HeatmapDecoder(config, 2 * config.appearance_dim)
+        self.decoder = HeatmapDecoder(
+            config.channels,
+            config.num_landmarks,
+            2 * config.appearance_dim,
+            config.heatmap_std,
+            config.norm,
+        )
         self.stride = 2 ** (len(config.channels) - 1)
         self.coarse_size = config.image_size // self.stride
 
