@@ -144,7 +144,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, help="stop after this much training time")
     parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--train-samples", type=int, default=4000, help="synthetic only")
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        help="synthetic only: training images (default: the config's data.synthetic_samples)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -155,14 +159,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.learners:
         cfg = load_config(args.config, args.overrides)
-        train_and_score(args, cfg, load_splits(args, cfg.model.image_size), args.out)
+        train_and_score(args, cfg, load_splits(args, cfg), args.out)
         return
     configs = {
         name: load_config(args.config, [*LEARNER_SETTINGS[name], *args.overrides])
         for name in args.learners
     }
     # The learners differ in model.name and data.pairs only: one image size, one data set.
-    splits = load_splits(args, configs[args.learners[0]].model.image_size)
+    splits = load_splits(args, configs[args.learners[0]])
     rows = []
     for name, cfg in configs.items():
         summary = train_and_score(args, cfg, splits, args.out / name)
@@ -198,11 +202,13 @@ def learning_rate_schedule(train: TrainConfig, steps: int, optimizer: torch.opti
     return getattr(lr_schedules, section["type"])(optimizer, **section["params"])
 
 
-def load_splits(args, size: int) -> tuple[Split, Split, LandmarkLayout]:
-    """The fit and test splits of `--data` at `size` px, on `--device`, and their layout."""
+def load_splits(args, cfg) -> tuple[Split, Split, LandmarkLayout]:
+    """The fit and test splits of `--data` at model.image_size, on `--device`, and their
+    layout."""
+    size, device = cfg.model.image_size, torch.device(args.device)
     if args.data == "synthetic":
-        return synthetic_splits(size, args.train_samples, 500, torch.device(args.device))
-    return faces_splits(args.faces, size, torch.device(args.device))
+        return synthetic_splits(size, args.train_samples or cfg.data.synthetic_samples, 500, device)
+    return faces_splits(args.faces, size, device)
 
 
 def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out: Path) -> dict:
