@@ -35,7 +35,9 @@ from ulm_dist.data.layouts import MAFL5, LandmarkLayout, ibug68_to_mafl5
 from ulm_dist.evaluate.pictures import SHOWN_IMAGES, evaluation_sheets
 from ulm_dist.evaluate.regression import (
     RegressionReport,
+    inter_ocular_distance,
     landmark_regression,
+    normalised_errors,
 )
 from ulm_dist.models import build_learner
 from ulm_dist.models.landmarks import to_pixels
@@ -228,6 +230,7 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
     # the CPU by the data pipeline's own warp.
     warps = AugmentOptions.from_config(cfg.data) if cfg.data.pairs == "warped" else None
     rng = np.random.default_rng(cfg.train.seed)
+    targets = supervised_targets(fit, cfg.model.num_landmarks, size) if args.supervised else None
     history, step, trained_s = [], 0, 0.0
     report, *_ = evaluate(learner, fit, test, layout, size)
     print(f"step 0: error {report.error:.2f}% (mean shape {report.baseline_error:.2f}%)")
@@ -236,11 +239,12 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
         for _ in range(min(args.eval_every, args.steps - step)):
             i, j = (torch.randint(len(fit), (batch,), device=device) for _ in range(2))
             image_i = fit.batch(i)
-            image_j = warped(image_i, warps, rng) if warps else fit.batch(j)
             with autocast:
-                if args.supervised:
-                    losses = supervised_losses(learner, image_i, fit.landmarks[i.cpu()], size)
+                if targets is not None:
+                    points = learner.model.pose_encoder(image_i).points
+                    losses = {"total": squared_distance(points, targets[i])}
                 else:
+                    image_j = warped(image_i, warps, rng) if warps else fit.batch(j)
                     losses = learner(image_i, image_j)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
@@ -258,6 +262,9 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
         history.append(
             {"step": step, "train_s": trained_s, "spread": spread, **report.as_metrics()}
         )
+        if targets is not None:
+            history[-1]["detector_error"] = detector_error(test_points, test.landmarks, layout)
+            print(f"step {step}: the detector's own error {history[-1]['detector_error']:.2f}%")
         print(
             f"step {step}: loss {losses['total'].item():.4f}, error {report.error:.2f}% "
             f"(mean shape {report.baseline_error:.2f}%), spread {spread:.4f}, "
@@ -269,17 +276,30 @@ def train_and_score(args, cfg, splits: tuple[Split, Split, LandmarkLayout], out:
     )
 
 
-def supervised_losses(learner, images: torch.Tensor, annotated: torch.Tensor, size: int):
-    """{"total": mean squared distance}, in normalised units, from the pose encoder's points
-    to the annotated ones (pixels, (B, K, 2)): `--supervised`, the detector's ceiling."""
-    points = learner.model.pose_encoder(images).points
-    target = annotated.to(points.device) * 2 / size - 1
-    if target.shape != points.shape:
+def supervised_targets(fit: Split, num_landmarks: int, size: int) -> torch.Tensor:
+    """`--supervised`: the annotated points of `fit` in normalised units, on its device, once
+    for the whole run (N, L, 2); refused unless the detector finds L points."""
+    annotated = fit.landmarks.shape[1]
+    if num_landmarks != annotated:
         raise SystemExit(
-            f"--supervised: the detector finds {points.shape[1]} points, the data annotate "
-            f"{target.shape[1]}; set model.num_landmarks={target.shape[1]}"
+            f"--supervised: the detector finds {num_landmarks} points, the data annotate "
+            f"{annotated}; set model.num_landmarks={annotated}"
         )
-    return {"total": ((points.float() - target) ** 2).sum(-1).mean()}
+    return (fit.landmarks * (2 / size) - 1).to(fit.images.device)
+
+
+def squared_distance(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over images and points of |point - target|^2: `--supervised`'s loss."""
+    return ((points.float() - targets) ** 2).sum(-1).mean()
+
+
+def detector_error(points: torch.Tensor, annotated: torch.Tensor, layout: LandmarkLayout):
+    """The detector's points against the annotated ones with no linear map between them, in
+    percent of the inter-ocular distance: `--supervised`'s own error. Only a detector trained
+    to put its k-th point on the k-th annotated one can make it small: an unsupervised
+    learner's points come in no particular order."""
+    iod = inter_ocular_distance(annotated, layout.eye_left, layout.eye_right)
+    return normalised_errors(points, annotated, iod).mean().item()
 
 
 def write_results(
@@ -307,6 +327,9 @@ def write_results(
         "mean_shape_error": round(report.baseline_error, 3),
         "reverse_error": round(report.reverse_error, 3),
         "spread": round(last["spread"], 4),
+        **(
+            {"detector_error": round(last["detector_error"], 3)} if "detector_error" in last else {}
+        ),
         "config": cfg.to_dict(),
         "history": history,
     }
