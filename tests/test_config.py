@@ -28,6 +28,9 @@ def test_overrides_parse_yaml_values():
     assert config.loss.lambda_inv == 0.5 and config.model.channels == [8, 16]
     assert config.train.steps == 7
     assert isinstance(load_config(None, ["loss.lambda_inv=2"]).loss.lambda_inv, float)
+    # YAML 1.1 reads an exponent without a dot as a string; a float field takes it.
+    assert load_config(None, ["train.lr=2e-3"]).train.lr == 0.002
+    assert load_config(None, ["loss.lambda_inv=1E+1"]).loss.lambda_inv == 10.0
 
 
 @pytest.mark.parametrize(

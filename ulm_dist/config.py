@@ -544,6 +544,13 @@ def _coerce(kind: Any, value: Any, path: str) -> Any:
         return [_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        # PyYAML reads YAML 1.1, where an exponent without a dot (2e-3) is a string, not a
+        # number; people write learning rates that way.
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected float, got {value!r}") from None
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if kind is int and isinstance(value, bool):
