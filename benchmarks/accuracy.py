@@ -326,6 +326,8 @@ def write_results(
         "landmark_error": round(report.error, 3),
         "mean_shape_error": round(report.baseline_error, 3),
         "reverse_error": round(report.reverse_error, 3),
+        # In the annotation's order: which annotated points the learned ones fail to carry.
+        "per_landmark_error": [round(error, 2) for error in report.per_landmark],
         "spread": round(last["spread"], 4),
         **(
             {"detector_error": round(last["detector_error"], 3)} if "detector_error" in last else {}
