@@ -33,9 +33,10 @@ Each citation names the paper's experiment on that data set and the code that wa
   box's longer side (Zhang et al. 2018 and Lorenz et al., "Unsupervised Part-Based
   Disentangling of Object Shape and Appearance", CVPR 2019, experiments on CUB). The image
   side is the normaliser that later papers state when they tabulate these methods' CUB
-  errors ("Pose Prior Learner", Table 1: Zhang et al. 2018 at 5.36%); Zhang et al.'s own
-  text and code do not show it (lmdis-rep's mean_error_IOD.m has no 15-point case).
-  Lorenz et al.'s images are their own aligned crops, not squared boxes (`cub.py`).
+  errors ("Pose Prior Learner", Table 1: Zhang et al. 2018 at 5.36%). The original papers'
+  text was not read, and Zhang et al.'s code has no CUB evaluation (lmdis-rep's
+  mean_error_IOD.m has no 15-point case). Lorenz et al.'s images are their own aligned
+  crops, not squared boxes (`cub.py`).
 - `h36m`: the simplified Human3.6M, fit on subjects S1-S9, tested on S11, scored as
   tomasjakab/keypointgan `test_pose.py` scores it (Jakab et al., "Self-supervised Learning of
   Interpretable Keypoints from Unlabelled Videos", CVPR 2020, the code that compares against
