@@ -167,6 +167,13 @@ class LossConfig:
         ["pixels", "relu1_2", "relu2_2"],
         "imagenet and random only: the VGG-16 layers compared, plus raw pixels if listed",
     )
+    lambda_edges: float = option(
+        0.0,
+        "weight of an edge term added to every perceptual distance: the mean absolute "
+        "difference of the two images' neighbouring-pixel differences (see models/losses.py); "
+        "0: off",
+        min=0,
+    )
 
     def validate(self) -> None:
         allowed = {"pixels", *VGG16_LAYERS}

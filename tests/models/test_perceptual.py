@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ulm_dist.config import ConfigError, load_config
-from ulm_dist.models import perceptual
+from ulm_dist.models import build_learner, perceptual
 from ulm_dist.models.losses import perceptual_distances
 from ulm_dist.models.perceptual import (
     FETCH_COMMAND,
@@ -114,6 +114,40 @@ def test_perceptual_distance_is_zero_for_equal_images_and_grows_with_the_differe
 def test_pixels_only_is_the_mean_absolute_difference():
     a, b = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.25)
     assert perceptual_distances(a, b, None, compare_pixels=True).item() == 0.25
+
+
+def test_the_edge_term_is_the_mean_gradient_difference_and_ignores_flat_colour():
+    rows = torch.arange(6.0).view(1, 1, 6, 1).expand(1, 3, 6, 6)
+    ramp = 0.1 * rows  # vertical steps of 0.1, none horizontally
+    flat = torch.zeros_like(ramp)
+    pixels = perceptual_distances(flat, ramp, None, compare_pixels=True)
+    both = perceptual_distances(flat, ramp, None, compare_pixels=True, edge_weight=2.0)
+    # Vertical differences off by 0.1 everywhere, horizontal ones by 0: 2 * (0.1 + 0).
+    assert torch.allclose(both - pixels, torch.tensor([0.2]))
+    # A flat colour shift moves every pixel but no edge.
+    shifted = perceptual_distances(ramp, ramp + 0.3, None, compare_pixels=False, edge_weight=1.0)
+    assert torch.allclose(shifted, torch.zeros(1), atol=1e-6)
+    # An edge one pixel out of place costs as much per unit of contrast wherever it is.
+    step = torch.zeros(1, 3, 8, 8)
+    step[..., 4:] = 1.0
+    moved = torch.zeros_like(step)
+    moved[..., 5:] = 1.0
+    edges = perceptual_distances(step, moved, None, compare_pixels=False, edge_weight=1.0)
+    assert edges.item() > 0
+    assert torch.allclose(
+        perceptual_distances(0.5 * step, 0.5 * moved, None, False, edge_weight=1.0), 0.5 * edges
+    )
+
+
+def test_lambda_edges_reaches_the_learners_reconstruction_loss():
+    cfg = load_config(None, ["loss.lambda_edges=3"])
+    with_edges = build_learner(cfg.model, cfg.loss)
+    plain = build_learner(cfg.model, load_config(None, []).loss)
+    target, output = torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    output[..., 4:] = 0.5
+    edges = perceptual_distances(target, output, None, compare_pixels=False, edge_weight=1.0)
+    added = with_edges.perceptual(target, output) - plain.perceptual(target, output)
+    assert edges.item() > 0 and torch.allclose(added, 3 * edges)
 
 
 # --- the three choices ---------------------------------------------------------------------

@@ -69,7 +69,9 @@ class Learner(nn.Module):
 
     def perceptual(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """P(target, output) per output image (`losses.perceptual_distances`)."""
-        return perceptual_distances(targets, outputs, self.vgg, self.compare_pixels)
+        return perceptual_distances(
+            targets, outputs, self.vgg, self.compare_pixels, self.loss_config.lambda_edges
+        )
 
     def warped_views(self, images: torch.Tensor) -> tuple[RandomWarp, torch.Tensor]:
         """Random warps, as L_transform draws them, and the images they give, for learners
