@@ -133,7 +133,9 @@ def test_ctrl_c_stops_the_workers_and_names_the_last_complete_checkpoint(
     try:
         wait_for(lambda: store.latest() is not None and store.latest().step > 4, driver)
         driver.send_signal(signal.SIGINT)
-        _, errors = driver.communicate(timeout=60)
+        # Stopping waits for Ray to tear the workers down, which took over 60 s once when a
+        # full test run loaded both cores; the test is about what it says, not how fast.
+        _, errors = driver.communicate(timeout=180)
     finally:
         driver.kill()
 
