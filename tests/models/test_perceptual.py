@@ -127,13 +127,15 @@ def test_the_edge_term_is_the_mean_gradient_difference_and_ignores_flat_colour()
     # A flat colour shift moves every pixel but no edge.
     shifted = perceptual_distances(ramp, ramp + 0.3, None, compare_pixels=False, edge_weight=1.0)
     assert torch.allclose(shifted, torch.zeros(1), atol=1e-6)
-    # An edge one pixel out of place costs as much per unit of contrast wherever it is.
+    # An edge one column out of place: in each of the 8 rows two of the 7 horizontal
+    # differences are off by 1 (where the edge is and where it should be), none vertically.
     step = torch.zeros(1, 3, 8, 8)
     step[..., 4:] = 1.0
     moved = torch.zeros_like(step)
     moved[..., 5:] = 1.0
     edges = perceptual_distances(step, moved, None, compare_pixels=False, edge_weight=1.0)
-    assert edges.item() > 0
+    assert torch.allclose(edges, torch.tensor([2 / 7]))
+    # And it costs in proportion to the edge's contrast.
     assert torch.allclose(
         perceptual_distances(0.5 * step, 0.5 * moved, None, False, edge_weight=1.0), 0.5 * edges
     )
